@@ -1,0 +1,160 @@
+"""Building blocks shared by every decoder family: linear, norms, rotary embeddings, MLP.
+
+Every parameter carries logical axis names (see `ftjax/sharding.py`); the config maps them to mesh
+axes. Parameter names follow Hugging Face module names so LoRA target patterns and HF conversion
+read the same as in transformers/PEFT.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ftjax.models.config import ModelConfig
+
+# HF's `initializer_range` default; random init only matters for from-scratch runs.
+_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def constrain(x, axes: Tuple[Optional[str], ...]):
+  """Logical sharding constraint on an activation (no-op outside a mesh/rules context)."""
+  return nn.with_logical_constraint(x, axes)
+
+
+class Linear(nn.Module):
+  """y = x @ kernel (+ bias). kernel is [in, out] (HF stores [out, in]; conversion transposes).
+
+  This is the single place where a weight meets an activation, so PEFT (LoRA/DoRA/NF4) hooks in
+  here via `ftjax.peft.adapt_linear`.
+  """
+  features: int
+  axes: Tuple[str, str]
+  cfg: ModelConfig
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    from ftjax import peft  # local import: peft depends on this module
+    dtype = self.cfg.compute_dtype
+    in_features = x.shape[-1]
+    return peft.adapt_linear(self, x, in_features, self.features, dtype)
+
+  def base_params(self, in_features: int):
+    """Declares (or reads) the plain kernel and bias; used by the PEFT hook when not quantised."""
+    kernel = self.param("kernel", nn.with_logical_partitioning(_INIT, self.axes),
+                        (in_features, self.features), self.cfg.weight_dtype)
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+                        (self.features,), self.cfg.weight_dtype)
+    return kernel, bias
+
+
+class Norm(nn.Module):
+  """RMSNorm (Llama; Gemma's (1 + w) variant) or LayerNorm (GPT-2), always computed in float32."""
+  cfg: ModelConfig
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    d = x.shape[-1]
+    init = nn.initializers.zeros if cfg.norm_plus_one else nn.initializers.ones
+    scale = self.param("scale", nn.with_logical_partitioning(init, (self.axis_name,)), (d,),
+                       cfg.weight_dtype)
+    xf = x.astype(jnp.float32)
+    if cfg.norm_type == "layernorm":
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             (self.axis_name,)),
+                        (d,), cfg.weight_dtype)
+      mean = xf.mean(-1, keepdims=True)
+      var = jnp.square(xf - mean).mean(-1, keepdims=True)
+      y = (xf - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+      return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
+    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + cfg.norm_eps)
+    if cfg.norm_plus_one:  # Gemma multiplies in float32 by (1 + w) before casting back
+      return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+    # Llama casts the normalised activation back first, then multiplies by w.
+    return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, seq_len=None) -> Tuple[jax.Array, float]:
+  """Inverse frequencies [head_dim/2] (float32) and the attention scaling factor for cos/sin."""
+  dim = cfg.dim_per_head
+  base = cfg.rope_theta
+  inv = 1.0 / (base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  scaling = dict(cfg.rope_scaling or ())
+  kind = scaling.get("rope_type", scaling.get("type", "default"))
+  if kind == "default":
+    return inv, 1.0
+  factor = float(scaling.get("factor", 1.0))
+  if kind == "linear":
+    return inv / factor, 1.0
+  if kind == "dynamic":
+    # NTK-aware: grow the base once the sequence exceeds the original context (as HF does).
+    orig = scaling.get("original_max_position_embeddings", cfg.max_position_embeddings)
+    seq = jnp.maximum(seq_len, orig).astype(jnp.float32)
+    new_base = base * ((factor * seq / orig) - (factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / (new_base ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)), 1.0
+  if kind == "llama3":
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    orig = float(scaling.get("original_max_position_embeddings", 8192))
+    low_wl, high_wl = orig / low, orig / high
+    wavelen = 2 * math.pi / inv
+    inv_l = jnp.where(wavelen > low_wl, inv / factor, inv)
+    smooth = (orig / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+    return jnp.where(medium, smoothed, inv_l), 1.0
+  raise ValueError(f"model.rope_scaling: unsupported rope_type {kind!r} "
+                   "(supported: default, linear, dynamic, llama3)")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Rotary embedding, HF 'rotate_half' layout. x: [B, T, N, H]; positions: [B, T] int."""
+  seq_len = positions.max() + 1
+  inv, attn_factor = rope_inv_freq(cfg, seq_len)
+  freqs = positions.astype(jnp.float32)[..., None] * inv  # [B, T, H/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  # HF computes cos/sin in float32 and casts them to the activation dtype before rotating.
+  cos = (jnp.cos(emb) * attn_factor).astype(x.dtype)[:, :, None, :]
+  sin = (jnp.sin(emb) * attn_factor).astype(x.dtype)[:, :, None, :]
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x * cos + rotated * sin
+
+
+def activation(name: str):
+  if name == "silu":
+    return jax.nn.silu
+  if name in ("gelu_tanh", "gelu_new", "gelu_pytorch_tanh"):
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  if name == "gelu":
+    return lambda x: jax.nn.gelu(x, approximate=False)
+  if name == "relu":
+    return jax.nn.relu
+  raise ValueError(f"model.mlp_activation: unknown activation {name!r}")
+
+
+class MLP(nn.Module):
+  """Gated (SwiGLU / GeGLU: gate_proj, up_proj, down_proj) or plain (GPT-2: up_proj, down_proj)."""
+  cfg: ModelConfig
+  intermediate_size: Optional[int] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    f = self.intermediate_size or cfg.intermediate_size
+    act = activation(cfg.mlp_activation)
+    up = Linear(f, ("embed", "mlp"), cfg, cfg.mlp_bias, name="up_proj")(x)
+    if cfg.mlp_gated:
+      h = act(Linear(f, ("embed", "mlp"), cfg, cfg.mlp_bias, name="gate_proj")(x)) * up
+    else:
+      h = act(up)
+    h = constrain(h, ("batch", "length", "act_mlp"))
+    return Linear(x.shape[-1], ("mlp", "embed"), cfg, cfg.mlp_bias, name="down_proj")(h)

@@ -1,0 +1,23 @@
+"""Shared helpers: the model forward on a batch and token log-probs, all in float32."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def forward(model, params, batch, prefix: str = "", **kw):
+  """Logits [B, T, V] (float32) for `batch[prefix + 'tokens']` with packing metadata if present."""
+  return model.apply(
+      {"params": params}, batch[prefix + "tokens"],
+      positions=batch.get(prefix + "positions"),
+      segment_ids=batch.get(prefix + "segment_ids"), **kw)
+
+
+def token_logps(logits: jax.Array, targets: jax.Array):
+  """log p(target) [B, T] and argmax-correct [B, T] without materialising one-hot targets."""
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  correct = jnp.argmax(logits, axis=-1) == targets
+  return picked - lse, correct
