@@ -102,8 +102,9 @@ class ModelConfig:
       fe = self.moe_intermediate_size or f
       mlp = self.num_experts * 3 * d * fe + d * self.num_experts
       mlp += 3 * d * self.moe_shared_intermediate_size
+    norms = (4 if self.post_norms else 2) * d + (2 * self.dim_per_head if self.qk_norm else 0)
     emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
-    return l * (attn + mlp) + emb
+    return l * (attn + mlp + norms) + emb + d
 
 
 def from_config_dict(cd) -> ModelConfig:
