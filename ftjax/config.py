@@ -49,7 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding.rules = ()  # empty -> ftjax.sharding.DEFAULT_RULES
 
   c.train = ml_collections.ConfigDict(dict(
-      steps=100, batch_size=8, seq_len=64, grad_accum_steps=1, log_every=10))
+      steps=100, batch_size=8, seq_len=64, grad_accum_steps=1, log_every=10,
+      stop_at_step=0))  # stop_at_step: checkpoint and stop early, as if preempted
   c.eval = ml_collections.ConfigDict(dict(
       every=0, batches=4, batch_size=8, exact_match_examples=0, max_new_tokens=16))
   c.checkpoint = ml_collections.ConfigDict(dict(every=0, keep=3, async_save=True))

@@ -36,34 +36,34 @@ class Checkpointer:
   def save(self, step: int, state, frozen, data_state, meta: dict, metrics=None, force=False):
     if metrics is not None and self._best and self._best not in metrics:
       metrics = None
-    args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        frozen=ocp.args.StandardSave(frozen),
-        data=ocp.args.JsonSave(data_state),
-        meta=ocp.args.JsonSave(meta),
-    )
+    items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                 meta=ocp.args.JsonSave(dict(meta, has_frozen=_nonempty(frozen))))
+    if _nonempty(frozen):  # orbax refuses empty trees; full fine-tuning has nothing frozen
+      items["frozen"] = ocp.args.StandardSave(frozen)
+    args = ocp.args.Composite(**items)
     return self.manager.save(step, args=args, metrics=metrics, force=force)
 
   def restore(self, step: int, abstract_state, abstract_frozen):
     """Restores onto the shardings carried by the abstract (ShapeDtypeStruct) trees."""
-    args = ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        frozen=ocp.args.StandardRestore(abstract_frozen),
-        data=ocp.args.JsonRestore(),
-        meta=ocp.args.JsonRestore(),
-    )
-    out = self.manager.restore(step, args=args)
-    return out["state"], out["frozen"], out["data"], out["meta"]
+    items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                 meta=ocp.args.JsonRestore())
+    if _nonempty(abstract_frozen):
+      items["frozen"] = ocp.args.StandardRestore(abstract_frozen)
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return out["state"], out.get("frozen", {}), out["data"], out["meta"]
 
   def restore_params(self, step: Optional[int] = None):
     """Params only (trainable merged with frozen), as host arrays: for init_from / export."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), frozen=ocp.args.StandardRestore(),
-        meta=ocp.args.JsonRestore()))
-    return out["state"]["params"], out["frozen"], out["meta"]
+    meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    meta = meta["meta"]
+    items = dict(state=ocp.args.StandardRestore())
+    if meta.get("has_frozen"):
+      items["frozen"] = ocp.args.StandardRestore()
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return out["state"]["params"], out.get("frozen", {}), meta
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -71,6 +71,10 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _nonempty(tree) -> bool:
+  return bool(jax.tree_util.tree_leaves(tree))
 
 
 def abstract(tree):

@@ -209,8 +209,9 @@ def run(config, workdir: str) -> Dict[str, Any]:
         pbar.update(1)
         last = step == total_steps
         do_eval = ec.get("every", 0) and (step % int(ec.every) == 0 or last)
-        do_ckpt = (ckpt_every and step % ckpt_every == 0) or last or pre.flag
-        if step % log_every == 0 or last or do_eval or do_ckpt:
+        stop = pre.flag or step == int(tc.get("stop_at_step", 0) or -1)
+        do_ckpt = (ckpt_every and step % ckpt_every == 0) or last or stop
+        if step % log_every == 0 or step == start + 1 or last or do_eval or do_ckpt:
           m = finalize_metrics(pending)
           if not math.isfinite(m["train_loss"]):
             raise NonFiniteLossError(
@@ -232,7 +233,7 @@ def run(config, workdir: str) -> Dict[str, Any]:
           ckpt.save(step, state, frozen, it.get_state(),
                     {"step": step, "model": _model_meta(model_cfg)},
                     metrics=summary.get("last"))
-        if pre.flag:
+        if stop:
           summary["preempted"] = True
           break
     pbar.close()
