@@ -1,0 +1,182 @@
+"""SFT train-step throughput: ftjax vs HF transformers (torch CPU), same model, batch and AdamW.
+
+  python tools/bench_sft.py [--rounds 3] [--steps 3] [--out bench_out/sft.json]
+
+Each measurement runs in a fresh subprocess (so peak RSS is per implementation) and the two
+implementations alternate round by round; we report medians over rounds. Model FLOPs per step are
+6 * N * tokens (N = parameters that take part in matmuls, i.e. without the input embedding) plus
+causal attention 6 * L * T * d per token (QK^T and AV, forward + backward, half the square), as a
+fraction of the machine's float32 matmul peak measured here with a large jnp.dot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+BENCH = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8,
+             num_heads=8, num_kv_heads=4, seq_len=512, batch_size=4)
+
+
+def model_flops_per_step(b=BENCH):
+  d, f, l, v = b["hidden_size"], b["intermediate_size"], b["num_layers"], b["vocab_size"]
+  h = d // b["num_heads"]
+  kv = b["num_kv_heads"] * h
+  n = l * (2 * d * d + 2 * d * kv + 3 * d * f) + d * v
+  tokens = b["batch_size"] * b["seq_len"]
+  attn = 6 * l * b["seq_len"] * d * tokens  # causal: half of 12 * L * T * d
+  return 6 * n * tokens + attn, n
+
+
+def _peak_rss_mb():
+  import resource  # pylint: disable=g-import-not-at-top
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ftjax(steps: int):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ftjax import objectives  # pylint: disable=g-import-not-at-top
+  from ftjax.models import Decoder, ModelConfig  # pylint: disable=g-import-not-at-top
+  from ftjax.train.optim import make_optimizer  # pylint: disable=g-import-not-at-top
+  from ftjax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
+  b = BENCH
+  cfg = ModelConfig(**{k: v for k, v in b.items() if k not in ("seq_len", "batch_size")},
+                    norm_eps=1e-6, rope_theta=10000.0)
+  model = Decoder(cfg)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  ocfg = ml_collections.ConfigDict(dict(lr=1e-4, weight_decay=0.0, schedule="constant"))
+  tx, sched = make_optimizer(ocfg, 100)
+  step = jax.jit(make_train_step(model, objectives.get("sft"), ml_collections.ConfigDict(),
+                                 tx, sched), donate_argnums=(0,))
+  rng = np.random.default_rng(0)
+  toks = rng.integers(0, b["vocab_size"], (1, b["batch_size"], b["seq_len"] + 1)).astype(np.int32)
+  batch = {"tokens": jnp.asarray(toks[..., :-1]), "targets": jnp.asarray(toks[..., 1:]),
+           "loss_mask": jnp.ones(toks[..., 1:].shape, jnp.float32)}
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
+           "rng": jax.random.key(1)}
+  t0 = time.perf_counter()
+  state, m = step(state, {}, batch)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, m = step(state, {}, batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  return dict(step_s=statistics.median(times), compile_s=compile_s, peak_rss_mb=_peak_rss_mb(),
+              loss=float(m["train_loss"][0]))
+
+
+def run_torch(steps: int):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count())
+  b = BENCH
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=b["vocab_size"], hidden_size=b["hidden_size"],
+      intermediate_size=b["intermediate_size"], num_hidden_layers=b["num_layers"],
+      num_attention_heads=b["num_heads"], num_key_value_heads=b["num_kv_heads"],
+      max_position_embeddings=2048, rms_norm_eps=1e-6, attn_implementation="sdpa")
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(hf_cfg).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+  g = torch.Generator().manual_seed(0)
+  toks = torch.randint(0, b["vocab_size"], (b["batch_size"], b["seq_len"]), generator=g)
+
+  def one():
+    out = model(input_ids=toks, labels=toks)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)  # ftjax computes the norm too
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out.loss
+  t0 = time.perf_counter()
+  one()
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    loss = one()
+    times.append(time.perf_counter() - t0)
+  return dict(step_s=statistics.median(times), compile_s=first, peak_rss_mb=_peak_rss_mb(),
+              loss=float(loss))
+
+
+def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best
+
+
+def _child(impl: str, steps: int):
+  fn = {"ftjax": run_ftjax, "torch": run_torch, "peak": lambda s: {"flops": matmul_peak_flops()}}
+  print("RESULT " + json.dumps(fn[impl](steps)), flush=True)
+
+
+def _spawn(impl: str, steps: int) -> dict:
+  out = subprocess.run([sys.executable, __file__, "--child", impl, "--steps", str(steps)],
+                       capture_output=True, text=True, check=False)
+  for line in out.stdout.splitlines():
+    if line.startswith("RESULT "):
+      return json.loads(line[7:])
+  raise RuntimeError(f"{impl} benchmark failed:\n{out.stderr[-3000:]}")
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--out", default="bench_out/sft.json")
+  ap.add_argument("--child", default=None)
+  args = ap.parse_args()
+  if args.child:
+    return _child(args.child, args.steps)
+  peak = _spawn("peak", 0)["flops"]
+  rows = {"ftjax": [], "torch": []}
+  for r in range(args.rounds):
+    for impl in (("ftjax", "torch") if r % 2 == 0 else ("torch", "ftjax")):
+      rows[impl].append(_spawn(impl, args.steps))
+  flops, n = model_flops_per_step()
+  tokens = BENCH["batch_size"] * BENCH["seq_len"]
+  result = {"bench": BENCH, "matmul_params": n, "model_flops_per_step": flops,
+            "matmul_peak_flops": peak, "rounds": args.rounds, "impls": {}}
+  print(f"f32 matmul peak: {peak / 1e9:.1f} GFLOP/s; model {n / 1e6:.1f}M matmul params; "
+        f"{flops / 1e9:.1f} GFLOP/step")
+  print(f"{'impl':<8}{'tokens/s':>10}{'step s':>9}{'compile s':>11}{'peak MB':>9}{'MFU':>7}")
+  for impl, rs in rows.items():
+    step_s = statistics.median(r["step_s"] for r in rs)
+    rec = dict(tokens_per_s=tokens / step_s, step_s=step_s,
+               compile_s=statistics.median(r["compile_s"] for r in rs),
+               peak_rss_mb=statistics.median(r["peak_rss_mb"] for r in rs),
+               mfu=flops / step_s / peak, runs=rs)
+    result["impls"][impl] = rec
+    print(f"{impl:<8}{rec['tokens_per_s']:>10.0f}{step_s:>9.2f}{rec['compile_s']:>11.1f}"
+          f"{rec['peak_rss_mb']:>9.0f}{rec['mfu']:>7.0%}")
+  speedup = result["impls"]["ftjax"]["tokens_per_s"] / result["impls"]["torch"]["tokens_per_s"]
+  result["speedup"] = speedup
+  print(f"ftjax / torch tokens/s: {speedup:.2f}x")
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
