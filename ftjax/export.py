@@ -1,0 +1,52 @@
+"""`ftjax export`: a training workdir -> a Hugging Face model dir (merged) or a PEFT adapter dir."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+
+def load_run(workdir: str):
+  """(config, model_cfg, params, tokenizer) of the latest checkpoint of a training workdir."""
+  from ftjax import data  # pylint: disable=g-import-not-at-top
+  from ftjax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from ftjax.train.checkpoint import Checkpointer  # pylint: disable=g-import-not-at-top
+  from ftjax.train.step import merge_params  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--workdir {workdir}: no config.json (not a training workdir)")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  tokenizer = data.load_tokenizer(config.data.get("tokenizer"))
+  model_cfg = state_lib.model_config(config, tokenizer)
+  if state_lib._peft_on(config):  # pylint: disable=protected-access
+    from ftjax import peft  # pylint: disable=g-import-not-at-top
+    model_cfg = peft.apply_peft(model_cfg, config.peft)
+  ck = Checkpointer(os.path.join(workdir, "checkpoints"),
+                    ml_collections.ConfigDict({"async_save": False}))
+  trainable, frozen, _ = ck.restore_params()
+  ck.close()
+  return config, model_cfg, merge_params(trainable, frozen), tokenizer
+
+
+def export_workdir(workdir: str, out_dir: str, adapter_only: bool = False) -> str:
+  from ftjax.models import hf  # pylint: disable=g-import-not-at-top
+  config, model_cfg, params, tokenizer = load_run(workdir)
+  peft_on = config.peft.get("method", "none") not in ("none", "", None)
+  if adapter_only:
+    if not peft_on or config.peft.method == "hft":
+      raise ValueError("--adapter: this run has no LoRA/DoRA adapter (config.peft.method="
+                       f"{config.peft.get('method')!r})")
+    from ftjax import peft  # pylint: disable=g-import-not-at-top
+    peft.export_adapter(params, model_cfg, out_dir,
+                        base_model_name_or_path=config.model.get("hf_path") or None)
+    if tokenizer is not None:
+      tokenizer.save_pretrained(out_dir)
+    return out_dir
+  if peft_on and config.peft.method != "hft":
+    from ftjax import peft  # pylint: disable=g-import-not-at-top
+    params, model_cfg = peft.merge(params, model_cfg)
+  hf.export_hf(params, model_cfg, out_dir, tokenizer=tokenizer)
+  return out_dir
