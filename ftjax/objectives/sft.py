@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from ftjax.objectives import register
-from ftjax.objectives.common import forward, token_logps
+from ftjax.objectives import moe_aux, register
+from ftjax.objectives.common import token_logps
 
 
 @register("sft")
 def sft(params, batch, rng, ctx):
   """batch: tokens/targets/loss_mask [B, T] (+ positions, segment_ids). Returns (sum, count)."""
   del rng
-  logits = forward(ctx.model, params, batch)
+  logits, aux = moe_aux.forward(ctx, params, batch)  # aux is None for dense models
   logp, correct = token_logps(logits, batch["targets"])
   mask = batch["loss_mask"].astype(jnp.float32)
   nll_sum = -(logp * mask).sum()
@@ -21,4 +21,6 @@ def sft(params, batch, rng, ctx):
       "loss": (nll_sum, count),
       "token_accuracy": ((correct * mask).sum(), count),
   }
-  return (nll_sum, count), metrics
+  # MoE router losses (load balancing, z-loss) and metrics; no-op for dense models.
+  loss_sum, metrics = moe_aux.add_terms(nll_sum, count, aux, ctx.config, metrics)
+  return (loss_sum, count), metrics
