@@ -66,6 +66,10 @@ class ModelConfig:
   remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims
   scan_unroll: int = 1  # layers are always scanned; unroll>1 trades compile time for speed
 
+  # Parameter-efficient fine-tuning: a hashable ftjax.peft.AdapterSpec (LoRA/DoRA/NF4) or None.
+  # Set by ftjax.peft.apply_peft, read by ftjax.peft.adapt_linear inside every Linear.
+  peft: Optional[Any] = None
+
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
