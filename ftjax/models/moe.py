@@ -220,16 +220,24 @@ class MoEBlock(nn.Module):
     return y.astype(x.dtype)
 
   def _sow_stats(self, logits, idx, probs, valid, dropped):
-    """Per-layer sums (exact under accumulation); `collect_aux` turns them into losses."""
-    e = self.cfg.num_experts
-    m = valid.astype(jnp.float32)
-    counts = jnp.zeros((e,), jnp.float32).at[idx.reshape(-1)].add(
-        jnp.repeat(m, idx.shape[1]))
-    z = jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1))
-    stats = dict(router_counts=counts, router_prob_sum=(probs * m[:, None]).sum(0),
-                 router_tokens=m.sum(), router_z_sum=(z * m).sum(), dropped=dropped)
+    stats = router_stats(logits, idx, probs, valid, self.cfg.num_experts)
+    stats["dropped"] = dropped
     for name, value in stats.items():
       self.sow("aux", name, value)
+
+
+def router_stats(logits, idx, probs, valid, num_experts: int) -> dict:
+  """Per-layer sums over non-padding tokens (exact under accumulation); see `collect_aux`.
+
+  logits/probs [N, E], idx [N, k], valid [N] -> router_counts [E] (top-k assignments),
+  router_prob_sum [E], router_tokens [], router_z_sum [] (sum of logsumexp(logits)^2).
+  """
+  m = valid.astype(jnp.float32)
+  counts = jnp.zeros((num_experts,), jnp.float32).at[idx.reshape(-1)].add(
+      jnp.repeat(m, idx.shape[1]))
+  z = jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1))
+  return dict(router_counts=counts, router_prob_sum=(probs * m[:, None]).sum(0),
+              router_tokens=m.sum(), router_z_sum=(z * m).sum())
 
 
 # ----------------------------------------------------------------------------- aux losses
