@@ -1,0 +1,173 @@
+"""Adapters in Hugging Face PEFT format: adapter_config.json + adapter_model.safetensors.
+
+Keys are `base_model.model.<HF module name>.lora_A.weight` [r, in], `...lora_B.weight` [out, r]
+and `...lora_magnitude_vector` [out] (DoRA), one per layer (our stacked [L, ...] arrays are split).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax.peft.spec import AdapterSpec, hf_name, resolve
+from ftjax.peft.tree import init_adapters, linear_dicts
+
+_PREFIX = "base_model.model."
+_LAYOUT_UNSUPPORTED = ("gpt2",)  # HF fuses q/k/v into c_attn: no 1:1 module names
+
+
+def _layers(path, arr) -> list:
+  return list(range(arr.shape[0])) if "layers" in path else [None]
+
+
+def _target_modules(params, spec, num_layers):
+  """A leaf-name list when it selects exactly our adapted modules (as PEFT would), else a regex."""
+  adapted, leaves_all = set(), {}
+  for path, d in linear_dicts(params):
+    leaves_all.setdefault(path[-1], []).append("lora_A" in d)
+    if "lora_A" in d:
+      adapted.add(path)
+  leaf_names = sorted({p[-1] for p in adapted})
+  if all(all(leaves_all[n]) for n in leaf_names):
+    return leaf_names
+  alts = "|".join(sorted(re.escape(hf_name(p, 0 if "layers" in p else None))
+                         .replace(r"layers\.0\.", r"layers\.\d+\.") for p in adapted))
+  return alts
+
+
+def export_adapter(params, model_cfg, out_dir: str,
+                   base_model_name_or_path: Optional[str] = None) -> str:
+  """Writes a PEFT LoRA adapter dir that `peft.PeftModel.from_pretrained` loads."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  spec: AdapterSpec = getattr(model_cfg, "peft", None)
+  if spec is None:
+    raise ValueError("export_adapter: model_cfg has no adapter (config.peft.method is none/hft)")
+  if model_cfg.family in _LAYOUT_UNSUPPORTED:
+    raise ValueError(f"export_adapter: family {model_cfg.family!r} has fused HF projections; "
+                     "export a merged model instead (ftjax export without --adapter)")
+  tensors, rank_pattern, alpha_pattern = {}, {}, {}
+  for path, d in linear_dicts(params):
+    if "lora_A" not in d:
+      continue
+    rank, alpha = resolve(spec, path, model_cfg.num_layers)
+    a, b = np.asarray(d["lora_A"], np.float32), np.asarray(d["lora_B"], np.float32)
+    m = np.asarray(d["lora_magnitude"], np.float32) if "lora_magnitude" in d else None
+    for i in _layers(path, a):
+      sl = (lambda x: x[i]) if i is not None else (lambda x: x)
+      name = _PREFIX + hf_name(path, i)
+      tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(sl(a).T)
+      tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(sl(b).T)
+      if m is not None:
+        tensors[f"{name}.lora_magnitude_vector"] = np.ascontiguousarray(sl(m))
+      if rank != spec.r:
+        rank_pattern[hf_name(path, i)] = rank
+      if alpha != spec.alpha:
+        alpha_pattern[hf_name(path, i)] = _num(alpha)
+  os.makedirs(out_dir, exist_ok=True)
+  save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
+  config = dict(
+      peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
+      r=spec.r, lora_alpha=_num(spec.alpha), lora_dropout=spec.dropout,
+      target_modules=_target_modules(params, spec, model_cfg.num_layers),
+      use_rslora=spec.use_rslora, use_dora=spec.use_dora, rank_pattern=rank_pattern,
+      alpha_pattern=alpha_pattern, bias="none", fan_in_fan_out=False, init_lora_weights=True,
+      inference_mode=True, modules_to_save=None, layers_to_transform=None, layers_pattern=None)
+  with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  return out_dir
+
+
+def _num(x):
+  return int(x) if float(x).is_integer() else float(x)
+
+
+_UNSUPPORTED = {"layers_to_transform": None, "layers_pattern": None, "modules_to_save": None,
+                "bias": "none", "fan_in_fan_out": False, "lora_bias": False,
+                "exclude_modules": None, "layer_replication": None, "target_parameters": None,
+                "trainable_token_indices": None, "use_qalora": False, "use_bdlora": None}
+
+
+def spec_from_adapter_config(cfg: dict, where: str, base: Optional[AdapterSpec]) -> AdapterSpec:
+  if cfg.get("peft_type") != "LORA":
+    raise ValueError(f"{where}: peft_type={cfg.get('peft_type')!r}; only LORA is supported")
+  for key, default in _UNSUPPORTED.items():
+    if cfg.get(key, default) not in (default, [], {}, ""):
+      raise ValueError(f"{where}: {key}={cfg[key]!r} is not supported by ftjax")
+  target = cfg.get("target_modules")
+  if target is None:
+    raise ValueError(f"{where}: target_modules is missing")
+  if not isinstance(target, str):
+    target = tuple(target)
+  quant = dict(quantize=base.quantize, block_size=base.block_size,
+               double_quant=base.double_quant) if base is not None else {}
+  return AdapterSpec(
+      r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", 8)),
+      dropout=float(cfg.get("lora_dropout", 0.0)), target_modules=target,
+      rank_pattern=tuple(sorted((cfg.get("rank_pattern") or {}).items())),
+      alpha_pattern=tuple(sorted((cfg.get("alpha_pattern") or {}).items())),
+      use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
+      **quant)
+
+
+def load_adapter(adapter_dir: str, base_params, model_cfg):
+  """(params, model_cfg) of the base model with a PEFT LoRA/DoRA adapter dir loaded on top.
+
+  Keeps the NF4 settings of model_cfg.peft if it has one (QLoRA base). Errors name the file and
+  key on missing/extra tensors and on shapes that do not fit the base model.
+  """
+  from ftjax.models import Decoder  # pylint: disable=g-import-not-at-top
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  cpath = os.path.join(adapter_dir, "adapter_config.json")
+  wpath = os.path.join(adapter_dir, "adapter_model.safetensors")
+  for p in (cpath, wpath):
+    if not os.path.exists(p):
+      raise FileNotFoundError(f"load_adapter: {p} not found (PEFT adapter dirs hold "
+                              "adapter_config.json and adapter_model.safetensors)")
+  with open(cpath) as f:
+    acfg = json.load(f)
+  spec = spec_from_adapter_config(acfg, cpath, getattr(model_cfg, "peft", None))
+  cfg = model_cfg.replace(peft=spec)
+  params = init_adapters(base_params, Decoder(cfg), jax.random.key(0),
+                         jnp.zeros((1, 2), jnp.int32))
+  tensors = load_file(wpath)
+  used = set()
+
+  def take(key, shape, dtype):
+    if key not in tensors:
+      raise ValueError(f"{wpath}: missing tensor {key}")
+    t = tensors[key]
+    if tuple(t.shape) != tuple(shape):
+      raise ValueError(f"{wpath}: {key} has shape {tuple(t.shape)}, the base model "
+                       f"({model_cfg.family}, hidden {model_cfg.hidden_size}) expects "
+                       f"{tuple(shape)}")
+    used.add(key)
+    return np.asarray(t, np.float32).astype(dtype)
+
+  for path, d in linear_dicts(params):
+    if "lora_A" not in d:
+      continue
+    for leaf, suffix, transpose in (("lora_A", "lora_A.weight", True),
+                                    ("lora_B", "lora_B.weight", True),
+                                    ("lora_magnitude", "lora_magnitude_vector", False)):
+      if leaf not in d:
+        continue
+      arr = d[leaf]
+      per = []
+      for i in _layers(path, arr):
+        one = arr[i] if i is not None else arr
+        shape = one.shape[::-1] if transpose else one.shape
+        t = take(f"{_PREFIX}{hf_name(path, i)}.{suffix}", shape, arr.dtype)
+        per.append(t.T if transpose else t)
+      stacked = np.stack(per) if "layers" in path else per[0]
+      d[leaf] = jax.device_put(stacked, arr.sharding)
+  extra = sorted(set(tensors) - used)
+  if extra:
+    raise ValueError(f"{wpath}: {len(extra)} tensors match no adapted module of the base "
+                     f"model (first: {extra[:3]}); check target_modules")
+  return params, cfg

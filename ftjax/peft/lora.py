@@ -1,0 +1,146 @@
+"""The Linear layer's PEFT forward: LoRA / rsLoRA / DoRA on a plain or NF4 base kernel.
+
+Shapes (per layer; nn.scan adds a leading [L] to every param):
+  kernel [in, out] | kernel_nf4 uint8 [in/2, out] + absmax leaves (see nf4.py)
+  lora_A [in, r] (logical axes (in_axis, 'lora_rank')), lora_B [r, out] (('lora_rank', out_axis)),
+  lora_magnitude [out] (DoRA; (out_axis,)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ftjax.peft import nf4
+from ftjax.peft.spec import hf_name, resolve, scaling
+
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def adapters_disabled():
+  """Inside this context, traced Linear layers ignore their adapters (base model logits).
+
+  Read at trace time: use it inside the traced function, e.g. a DPO reference forward pass
+  `with adapters_disabled(): ref = model.apply({'params': params}, tokens)`; the same params give
+  the base model's logits for LoRA, DoRA and QLoRA without a second copy of the weights.
+  """
+  prev = getattr(_STATE, "disabled", False)
+  _STATE.disabled = True
+  try:
+    yield
+  finally:
+    _STATE.disabled = prev
+
+
+def adapters_are_disabled() -> bool:
+  return getattr(_STATE, "disabled", False)
+
+
+def _kaiming_uniform_a_sqrt5(key, shape, dtype):
+  """A [in, r]: torch kaiming_uniform_(a=sqrt(5)) on PEFT's [r, in] weight, bound 1/sqrt(in)."""
+  bound = 1.0 / math.sqrt(shape[0])
+  return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+def _nf4_base(module, spec, in_f, out_f, dtype):
+  """Declares the quantised kernel (init = quantised random init) and returns it dequantised."""
+  nf4.check_shape(in_f, spec.block_size, f"{hf_name(tuple(module.scope.path), None)} "
+                  f"(config.peft.quantize='nf4')")
+  in_ax, out_ax = module.axes
+  cache = {}
+
+  def q(name):
+    def init(key, *_):
+      if "q" not in cache:  # one random kernel, quantised once, feeds every NF4 leaf's init
+        w = nn.initializers.normal(0.02)(key, (in_f, out_f), jnp.float32)
+        cache["q"] = nf4.quantize(w, spec.block_size, spec.double_quant)
+      return cache["q"][name]
+    return init
+
+  axes = {"kernel_nf4": (in_ax, out_ax), "kernel_absmax": (in_ax, out_ax),
+          "kernel_absmax_q": (in_ax, out_ax), "kernel_absmax_scale": (in_ax, None),
+          "kernel_absmax_offset": (None, None)}
+  names = (["kernel_nf4", "kernel_absmax_q", "kernel_absmax_scale", "kernel_absmax_offset"]
+           if spec.double_quant else ["kernel_nf4", "kernel_absmax"])
+  leaves = {n: module.param(n, nn.with_logical_partitioning(q(n), axes[n])) for n in names}
+  bias = None
+  if module.use_bias:
+    bias = module.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (out_ax,)),
+                        (out_f,), module.cfg.weight_dtype)
+  return nf4.dequantize(leaves, spec.block_size, dtype), bias
+
+
+def _dropout(module, x, rate):
+  if rate <= 0.0 or not module.has_rng("dropout"):
+    return x
+  keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _declare_adapter(module, spec, rank, kernel, in_f, out_f):
+  in_ax, out_ax = module.axes
+  wdt = module.cfg.weight_dtype
+  a = module.param("lora_A", nn.with_logical_partitioning(_kaiming_uniform_a_sqrt5,
+                                                          (in_ax, "lora_rank")),
+      (in_f, rank), wdt)
+  b = module.param("lora_B", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                          ("lora_rank", out_ax)),
+                   (rank, out_f), wdt)
+  m = None
+  if spec.use_dora:  # ||W|| over the input dim per output (B = 0 at init, so W + s*AB = W)
+    m = module.param("lora_magnitude", nn.with_logical_partitioning(
+        lambda *_: jnp.linalg.norm(kernel.astype(jnp.float32), axis=0).astype(wdt), (out_ax,)))
+  return a, b, m
+
+
+def adapt_linear(module, x: jax.Array, in_f: int, out_f: int, dtype) -> jax.Array:
+  """y = x @ W (+ b), plus the adapter's contribution when this module is targeted."""
+  spec = getattr(module.cfg, "peft", None)
+  if spec is None:
+    kernel, bias = module.base_params(in_f)
+    kernel = kernel.astype(dtype)
+  elif spec.quantize == "nf4":
+    kernel, bias = _nf4_base(module, spec, in_f, out_f, dtype)
+  else:
+    kernel, bias = module.base_params(in_f)
+    kernel = kernel.astype(dtype)
+  x = x.astype(dtype)
+  path = tuple(module.scope.path)
+  target = None if spec is None else resolve(spec, path, module.cfg.num_layers)
+  if target is None:
+    y = jnp.dot(x, kernel)
+    return y if bias is None else y + bias.astype(dtype)
+  rank, alpha = target
+  if rank > min(in_f, out_f):
+    raise ValueError(f"config.peft.r / rank_pattern: rank {rank} > min(in, out) = "
+                     f"{min(in_f, out_f)} for {hf_name(path, None)} [{in_f}, {out_f}]")
+  a, b, m = _declare_adapter(module, spec, rank, kernel, in_f, out_f)
+  if adapters_are_disabled():
+    y = jnp.dot(x, kernel)
+    return y if bias is None else y + bias.astype(dtype)
+  s = scaling(spec, rank, alpha)
+  xd = _dropout(module, x, spec.dropout)
+  lora = jnp.dot(jnp.dot(xd, a.astype(dtype)), b.astype(dtype)) * jnp.asarray(s, dtype)
+  base = jnp.dot(x, kernel)
+  if m is None:
+    y = base + lora
+  else:
+    y = _dora(x, xd, kernel, base, lora, a, b, m, s, dtype)
+  return y if bias is None else y + bias.astype(dtype)
+
+
+def _dora(x, xd, kernel, base, lora, a, b, m, s, dtype):
+  """PEFT's DoRA: m / ||W + s*A@B||_in (norm detached) rescales base and LoRA outputs."""
+  w = kernel.astype(jnp.float32) + s * jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))
+  norm = jax.lax.stop_gradient(jnp.linalg.norm(w, axis=0))  # [out], float32
+  mag_scale = (m.astype(jnp.float32) / norm).astype(dtype)
+  if xd is x:
+    return mag_scale * (base + lora)
+  # With dropout PEFT rescales the base path of the dropped-out input (dora.py: base_result=None).
+  return base + (mag_scale - 1) * jnp.dot(xd, kernel) + mag_scale * lora

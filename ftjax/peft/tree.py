@@ -1,0 +1,189 @@
+"""PEFT as pytree transforms: build the adapted params, the trainable mask, merge adapters away.
+
+Params are nested dicts of raw arrays (unboxed). A Linear's dict holds 'kernel' (or the NF4
+leaves), optional 'bias', and when adapted 'lora_A', 'lora_B' (+ 'lora_magnitude' for DoRA).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ftjax.peft import nf4
+from ftjax.peft.spec import (ADAPTER_LEAVES, AdapterSpec, hf_name, method_of, resolve, scaling,
+                             spec_from_config)
+
+NF4_LEAVES = ("kernel_nf4", "kernel_absmax", "kernel_absmax_q", "kernel_absmax_scale",
+              "kernel_absmax_offset")
+
+
+def linear_dicts(params, path=()) -> Iterator[Tuple[Tuple[str, ...], Dict[str, Any]]]:
+  """(path, dict) for every Linear-like dict (one holding a kernel) except the LM head."""
+  if not isinstance(params, dict):
+    return
+  if ("kernel" in params or "kernel_nf4" in params) and path != ("lm_head",):
+    yield path, params
+    return
+  for k, v in params.items():
+    yield from linear_dicts(v, path + (k,))
+
+
+def _base_linears(model_cfg) -> list:
+  """Flax paths of every Linear of the un-adapted model (shapes only, nothing allocated)."""
+  from ftjax.models import Decoder  # pylint: disable=g-import-not-at-top
+  base_cfg = model_cfg.replace(peft=None)
+  shapes = jax.eval_shape(lambda: nn.unbox(Decoder(base_cfg).init(
+      jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]))
+  return [p for p, _ in linear_dicts(shapes)]
+
+
+def available_modules(model_cfg) -> list:
+  """HF-style names of every Linear (layer 0 shown for stacked layers), for error messages."""
+  return [hf_name(p, 0 if "layers" in p else None) for p in _base_linears(model_cfg)]
+
+
+def check_targets(model_cfg) -> None:
+  """Errors early when target_modules selects no Linear (listing the available names)."""
+  spec: AdapterSpec = model_cfg.peft
+  paths = _base_linears(model_cfg)
+  if not any(resolve(spec, p, model_cfg.num_layers) for p in paths):
+    names = [hf_name(p, 0 if "layers" in p else None) for p in paths]
+    raise ValueError(f"config.peft.target_modules={spec.target_modules!r} matches no module; "
+                     f"available (layer 0 shown): {names}")
+
+
+def apply_peft(model_cfg, peft_cfg):
+  """ModelConfig with the adapter spec from `config.peft`; unchanged for method none/hft."""
+  spec = peft_cfg if isinstance(peft_cfg, AdapterSpec) else spec_from_config(peft_cfg)
+  if spec is None:
+    return model_cfg
+  out = model_cfg.replace(peft=spec)
+  check_targets(out)
+  return out
+
+
+def init_adapters(base_params, model, rng, sample_tokens):
+  """Params of the adapted `model`: base weights copied in (quantised to NF4 when asked), LoRA A
+  kaiming-uniform, B zero, DoRA magnitude = ||W||_in. Step 0 therefore equals the base model.
+
+  Runs as one jit; the adapted model's random base init is dead code and is compiled away. New
+  leaves get the logical sharding constraints of their declaration (current mesh/rules context).
+  """
+  spec: AdapterSpec = model.cfg.peft
+  if spec is None:
+    return base_params
+  if any(k in d for _, d in linear_dicts(base_params) for k in ADAPTER_LEAVES + NF4_LEAVES):
+    raise ValueError("init_adapters: base params already hold adapters or NF4 weights; "
+                     "merge them first (ftjax.peft.merge)")
+
+  def init(base, key):
+    boxed = model.init({"params": key}, sample_tokens)["params"]
+    fresh = nn.unbox(boxed)
+    out = _fill(fresh, base, spec, ())
+    return jax.tree_util.tree_map(
+        lambda x, b: nn.with_logical_constraint(x, b.names)
+        if isinstance(b, nn.LogicallyPartitioned) else x,
+        out, boxed, is_leaf=lambda b: isinstance(b, nn.LogicallyPartitioned))
+  return jax.jit(init)(base_params, rng)
+
+
+def _fill(fresh, base, spec, path):
+  if not isinstance(fresh, dict):
+    return base
+  if not isinstance(base, dict):
+    raise ValueError(f"init_adapters: base params at {'/'.join(path)} are not a dict")
+  out = {}
+  quantised = "kernel_nf4" in fresh
+  for k, v in fresh.items():
+    where = "/".join(path + (k,))
+    if k in ADAPTER_LEAVES or k in NF4_LEAVES:
+      continue
+    if k not in base:
+      raise ValueError(f"init_adapters: base params lack {where} (expected shape {v.shape})")
+    if isinstance(v, dict):
+      out[k] = _fill(v, base[k], spec, path + (k,))
+      continue
+    if base[k].shape != v.shape:
+      raise ValueError(f"init_adapters: base param {where} has shape {base[k].shape}, "
+                       f"the model expects {v.shape}")
+    out[k] = base[k].astype(v.dtype)
+  if quantised:
+    if "kernel" not in base:
+      raise ValueError(f"init_adapters: base params lack {'/'.join(path + ('kernel',))}")
+    out.update(nf4.quantize(base["kernel"], spec.block_size, spec.double_quant))
+  for k in ("lora_A", "lora_B"):
+    if k in fresh:
+      out[k] = fresh[k]
+  if "lora_magnitude" in fresh:
+    w = nf4.dequantize(out, spec.block_size) if quantised else base["kernel"]
+    out["lora_magnitude"] = jnp.linalg.norm(w.astype(jnp.float32), axis=-2).astype(
+        fresh["lora_magnitude"].dtype)
+  return out
+
+
+def trainable_mask(params, peft_cfg):
+  """Pytree of bools: adapter leaves True for LoRA/DoRA/QLoRA; all True for none/hft."""
+  method = peft_cfg if isinstance(peft_cfg, str) else (
+      "lora" if isinstance(peft_cfg, AdapterSpec) else method_of(peft_cfg))
+  if method in ("none", "hft"):
+    return jax.tree_util.tree_map(lambda _: True, params)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: str(getattr(p[-1], "key", p[-1])) in ADAPTER_LEAVES, params)
+
+
+def split_trainable(params, mask):
+  """(trainable, frozen): two nested dicts with disjoint leaves; empty branches dropped."""
+  def split(p, m, want):
+    if isinstance(p, dict):
+      out = {k: split(v, m[k], want) for k, v in p.items()}
+      return {k: v for k, v in out.items()
+              if v is not None and not (isinstance(v, dict) and not v)}
+    return p if bool(m) == want else None
+  return split(params, mask, True) or {}, split(params, mask, False) or {}
+
+
+def merge_trainable(trainable, frozen):
+  """Inverse of `split_trainable`."""
+  if not isinstance(trainable, dict) or not isinstance(frozen, dict):
+    return trainable if trainable is not None else frozen
+  out = dict(frozen)
+  for k, v in trainable.items():
+    out[k] = merge_trainable(v, frozen[k]) if k in frozen else v
+  return out
+
+
+def merged_kernel(d, spec: AdapterSpec, rank: int, alpha: float, out_dtype) -> jax.Array:
+  """W' = W + s*A@B (DoRA: scaled to the magnitude per output), accumulated in float32."""
+  w = nf4.dequantize(d, spec.block_size) if "kernel_nf4" in d else d["kernel"].astype(
+      jnp.float32)
+  if "lora_A" in d:
+    s = scaling(spec, rank, alpha)
+    w = w + s * jnp.einsum("...ir,...ro->...io", d["lora_A"].astype(jnp.float32),
+                           d["lora_B"].astype(jnp.float32),
+                           precision=jax.lax.Precision.HIGHEST)
+    if "lora_magnitude" in d:
+      norm = jnp.linalg.norm(w, axis=-2, keepdims=True)
+      w = w * (d["lora_magnitude"].astype(jnp.float32)[..., None, :] / norm)
+  return w.astype(out_dtype)
+
+
+def merge(params, model_cfg):
+  """(base_params, base_cfg): adapters folded into the kernels, NF4 dequantised (fp32 math)."""
+  spec: AdapterSpec = getattr(model_cfg, "peft", None)
+  if spec is None:
+    return params, model_cfg
+  out = jax.tree_util.tree_map(lambda x: x, params)  # shallow structural copy of the dicts
+
+  def rebuild(tree, path):
+    if not isinstance(tree, dict):
+      return tree
+    if ("kernel" in tree or "kernel_nf4" in tree) and path != ("lm_head",):
+      target = resolve(spec, path, model_cfg.num_layers) or (spec.r, spec.alpha)
+      d = {k: v for k, v in tree.items() if k not in ADAPTER_LEAVES + NF4_LEAVES}
+      d["kernel"] = merged_kernel(tree, spec, *target, model_cfg.weight_dtype)
+      return d
+    return {k: rebuild(v, path + (k,)) for k, v in tree.items()}
+  return rebuild(out, ()), model_cfg.replace(peft=None)
