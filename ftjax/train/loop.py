@@ -213,9 +213,10 @@ def run(config, workdir: str) -> Dict[str, Any]:
         do_ckpt = (ckpt_every and step % ckpt_every == 0) or last or stop
         if step % log_every == 0 or step == start + 1 or last or do_eval or do_ckpt:
           m = finalize_metrics(pending)
-          if not math.isfinite(m["train_loss"]):
+          if not (math.isfinite(m["train_loss"]) and math.isfinite(m["grad_norm"])):
             raise NonFiniteLossError(
-                f"non-finite loss {m['train_loss']} at step {step}; stopped without saving "
+                f"non-finite loss {m['train_loss']} (grad norm {m['grad_norm']}) at step "
+                f"{step}; stopped without saving "
                 f"(last good checkpoint: step {ckpt.latest_step()})")
           m.pop("tokens", None)
           now = time.perf_counter()
