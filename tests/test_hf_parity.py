@@ -1,0 +1,100 @@
+"""Logit parity with transformers for every family: float32 (<= 1e-4), bf16, padding, windows."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ftjax.models import hf
+from ftjax.models import hf_testing as ht
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2"]
+
+
+def _check(cfg, params, path, tokens, mask, tol=1e-4):
+  ref = ht.hf_logits(path, tokens, mask)
+  got = ht.ftjax_logits(cfg, params, tokens, mask)
+  real = mask.astype(bool)  # padded positions are undefined in both
+  err = np.abs(ref - got)[real].max()
+  assert err <= tol, f"{cfg.family}: max abs logit diff {err}"
+  return ref
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_parity(family, tmp_path):
+  path = ht.save_tiny(family, tmp_path / family)
+  cfg, params = hf.load_hf(path)
+  assert cfg.family == family
+  # Rows: full, right-padded, left-padded. Length 12 > the sliding window (4) of mistral/gemma2.
+  tokens, mask = ht.padding_batch(cfg.vocab_size, batch=3, length=12)
+  ref = _check(cfg, params, path, tokens, mask)
+  assert np.abs(ref).max() > 1.0  # logits are not trivially small
+
+  # bf16 compute (f32 master weights) is no worse than transformers' own bf16 model.
+  cfg16, params16 = hf.load_hf(path, dtype="bfloat16")
+  got16 = ht.ftjax_logits(cfg16, params16, tokens, mask)
+  ref16 = ht.hf_logits(path, tokens, mask, dtype="bfloat16")
+  real = mask.astype(bool)
+  err, hf_err = np.abs(got16 - ref)[real].max(), np.abs(ref16 - ref)[real].max()
+  assert err <= max(2 * hf_err, 0.02), (err, hf_err)
+
+
+def test_window_actually_limits_attention(tmp_path):
+  """Mistral with window 4 differs from the same weights without a window (so it is tested)."""
+  path = ht.save_tiny("mistral", tmp_path / "m")
+  cfg, params = hf.load_hf(path)
+  tokens, mask = ht.padding_batch(cfg.vocab_size, batch=1, length=12)
+  windowed = ht.ftjax_logits(cfg, params, tokens, mask)
+  full = ht.ftjax_logits(cfg.replace(sliding_window=None), params, tokens, mask)
+  assert np.abs(windowed[:, :4] - full[:, :4]).max() < 1e-5
+  assert np.abs(windowed[:, 6:] - full[:, 6:]).max() > 1e-3
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "dynamic", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8},
+])
+def test_llama_rope_scaling(scaling, tmp_path):
+  # max_position_embeddings 16 < 24 tokens: dynamic NTK actually rescales.
+  path = ht.save_tiny("llama", tmp_path / "l", max_position_embeddings=16,
+                      rope_parameters=dict(scaling, rope_theta=500.0))
+  cfg, params = hf.load_hf(path)
+  assert dict(cfg.rope_scaling)["rope_type"] == scaling["rope_type"]
+  tokens, mask = ht.padding_batch(cfg.vocab_size, batch=3, length=24)
+  _check(cfg, params, path, tokens, mask)
+
+
+def test_v4_config_spelling(tmp_path):
+  """transformers v4 wrote rope_theta at top level and rope_scaling with 'type'."""
+  path = ht.save_tiny("llama", tmp_path / "l", rope_parameters={
+      "rope_type": "linear", "factor": 2.0, "rope_theta": 500.0})
+  with open(os.path.join(path, "config.json")) as f:
+    d = json.load(f)
+  v5 = hf.config_from_hf(d)
+  d.pop("rope_parameters")
+  d.update(rope_theta=500.0, rope_scaling={"type": "linear", "factor": 2.0})
+  assert hf.config_from_hf(d) == v5
+  assert v5.rope_theta == 500.0 and dict(v5.rope_scaling) == {"rope_type": "linear", "factor": 2.0}
+
+
+def test_gemma_v4_activation_and_tied_default():
+  d = dict(ht.TINY["gemma"], model_type="gemma", hidden_act="gelu")  # v4 legacy value
+  cfg = hf.config_from_hf(d)
+  assert cfg.mlp_activation == "gelu_pytorch_tanh" and cfg.tie_embeddings and cfg.embed_scale
+
+
+def test_qwen2_sliding_layers_and_unsupported(tmp_path):
+  base = dict(ht.TINY["qwen2"], model_type="qwen2")
+  assert hf.config_from_hf(dict(base, sliding_window=8, use_sliding_window=False)).sliding_window \
+      is None
+  cfg = hf.config_from_hf(dict(base, sliding_window=8, use_sliding_window=True,
+                               max_window_layers=0))
+  assert cfg.sliding_window == 8 and cfg.sliding_window_pattern == 1
+  with pytest.raises(ValueError, match="layer_types"):
+    hf.config_from_hf(dict(base, sliding_window=8, use_sliding_window=True,
+                           layer_types=["full_attention", "sliding_attention"]))
+  with pytest.raises(ValueError, match="rope type 'yarn'"):
+    hf.config_from_hf(dict(base, rope_parameters={"rope_type": "yarn", "factor": 2.0}))
