@@ -85,9 +85,10 @@ def dpo(params, batch, rng, ctx):
   n_c, n_r = pref.halves(pol["counts"])
   losses = dpo_losses(loss_type, lr_c, lr_r, beta=beta, label_smoothing=ls,
                       chosen_counts=n_c, rejected_counts=n_r)
-  num_pairs = jnp.float32(losses.shape[0])
-  loss_sum = losses.sum()
-  metrics = pref.pair_metrics(pol, beta * lr_c, beta * lr_r)
+  w = pref.row_weights(batch, losses.shape[0])
+  num_pairs = w.sum()
+  loss_sum = (w * losses).sum()
+  metrics = pref.pair_metrics(pol, beta * lr_c, beta * lr_r, w=w)
   nll_sum, nll_count = pref.chosen_nll(pol)
   metrics["nll_loss"] = (jax.lax.stop_gradient(nll_sum), nll_count)
   if rpo_alpha:

@@ -36,9 +36,11 @@ def kto_losses(loss_type: str, logratios, labels, kl, *, beta: float,
   return jnp.where(labels, desirable_weight * good, undesirable_weight * bad)
 
 
-def kl_estimate(kl_logps, ref_kl_logps):
-  """max(0, mean(policy - reference)) over the mismatched rows, without gradient."""
-  return jax.lax.stop_gradient(jnp.maximum(jnp.mean(kl_logps - ref_kl_logps), 0.0))
+def kl_estimate(kl_logps, ref_kl_logps, w=None):
+  """max(0, mean(policy - reference)) over the mismatched rows (w: row weights), no gradient."""
+  w = jnp.ones_like(kl_logps) if w is None else w
+  mean = (w * (kl_logps - ref_kl_logps)).sum() / jnp.maximum(w.sum(), 1.0)
+  return jax.lax.stop_gradient(jnp.maximum(mean, 0.0))
 
 
 @register("kto")
@@ -61,20 +63,21 @@ def kto(params, batch, rng, ctx):
   pol = pref.sequence_stats(ctx.model, params, rows)
   cached = ("ref_logps", "ref_kl_logps") if use_kl else ("ref_logps",)
   ref = pref.reference_logps(params, rows, batch, ctx, cached)
+  w = pref.row_weights(batch, b)
   logratios = (pol["logps"] - ref)[:b]
-  kl = kl_estimate(pol["logps"][b:], ref[b:]) if use_kl else jnp.float32(0.0)
+  kl = kl_estimate(pol["logps"][b:], ref[b:], w) if use_kl else jnp.float32(0.0)
   labels = batch["label"].astype(bool)
   losses = kto_losses(loss_type, logratios, labels, kl, beta=beta,
                       desirable_weight=float(cfg.get("desirable_weight", 1.0)),
                       undesirable_weight=float(cfg.get("undesirable_weight", 1.0)))
-  metrics = _metrics(pol, b, labels, beta * logratios, kl)
-  return (losses.sum(), jnp.float32(b)), metrics
+  metrics = _metrics(pol, b, labels, beta * logratios, kl, w)
+  return ((w * losses).sum(), w.sum()), metrics
 
 
-def _metrics(pol, b, labels, rewards, kl):
+def _metrics(pol, b, labels, rewards, kl, w):
   sg = jax.lax.stop_gradient
-  good = labels.astype(jnp.float32)
-  bad = 1.0 - good
+  good = labels.astype(jnp.float32) * w
+  bad = (1.0 - labels.astype(jnp.float32)) * w
   rewards = sg(rewards)
   logps = sg(pol["logps"][:b])
   logits_sum, counts = pol["logits_sum"][:b], pol["counts"][:b]

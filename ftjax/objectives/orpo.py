@@ -43,18 +43,19 @@ def orpo(params, batch, rng, ctx):
   del rng
   beta = pref.get_beta(ctx.config)
   pol, _ = pref.paired_forward(params, batch, ctx, need_reference=False)
-  avg = pol["logps"] / pol["counts"]
+  w = pref.row_weights(batch, batch["chosen_tokens"].shape[0])
+  avg = pref.safe_mean_logps(pol, jnp.concatenate([w, w]))
   p_c, p_r = pref.halves(avg)
   ratio, log_odds = odds_ratio(p_c, p_r)
   nll_sum, nll_count = pref.chosen_nll(pol, mask=pol["valid"])
   nll = nll_sum / jnp.maximum(nll_count, 1.0)
-  b = jnp.float32(ratio.shape[0])
-  loss_sum = b * nll - beta * ratio.sum()
-  metrics = pref.pair_metrics(pol, beta * p_c, beta * p_r, logps=avg)
+  b = w.sum()
+  loss_sum = b * nll - beta * (w * ratio).sum()
+  metrics = pref.pair_metrics(pol, beta * p_c, beta * p_r, logps=avg, w=w)
   sg = jax.lax.stop_gradient
   metrics.update({
       "nll_loss": (sg(nll_sum), nll_count),
-      "log_odds_ratio": (sg(ratio).sum(), b),
-      "log_odds_chosen": (sg(log_odds).sum(), b),
+      "log_odds_ratio": (sg(w * ratio).sum(), b),
+      "log_odds_chosen": (sg(w * log_odds).sum(), b),
   })
   return (loss_sum, b), metrics

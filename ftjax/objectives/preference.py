@@ -147,6 +147,19 @@ def paired_forward(params, batch, ctx, *, need_reference: bool = True):
   return pol, ref
 
 
+def row_weights(batch, n: int) -> jax.Array:
+  """[n] float32: 1 for real rows, 0 for the padding rows of a final partial batch."""
+  if "example_id" in batch:
+    return (batch["example_id"] >= 0).astype(jnp.float32)
+  return jnp.ones((n,), jnp.float32)
+
+
+def safe_mean_logps(pol, w2) -> jax.Array:
+  """[2B] completion log-probs averaged per token; padding rows (w2 = 0) get -1, not 0/0."""
+  avg = pol["logps"] / jnp.maximum(pol["counts"], 1.0)
+  return jnp.where(w2 > 0, avg, -1.0)
+
+
 def halves(x: jax.Array):
   """[2B, ...] -> ([B, ...] chosen, [B, ...] rejected)."""
   b = x.shape[0] // 2
@@ -155,24 +168,26 @@ def halves(x: jax.Array):
 
 # ----------------------------------------------------------------------------- metrics
 
-def pair_metrics(pol, chosen_rewards, rejected_rewards, logps=None) -> Dict[str, tuple]:
+def pair_metrics(pol, chosen_rewards, rejected_rewards, logps=None, w=None) -> Dict[str, tuple]:
   """TRL-named metrics as (sum, count) pairs; rewards [B] are detached here.
 
   logps [2B]: what `logps/*` report (default the summed log-probs; SimPO/ORPO pass averages).
+  w [B]: row weights (0 for padding rows).
   """
   cr = jax.lax.stop_gradient(chosen_rewards)
   rr = jax.lax.stop_gradient(rejected_rewards)
-  b = jnp.float32(cr.shape[0])
+  w = jnp.ones_like(cr) if w is None else w
+  b = w.sum()
   lc, lr = halves(jax.lax.stop_gradient(pol["logps"] if logps is None else logps))
   sc, sr = halves(pol["logits_sum"])
   nc, nr = halves(pol["counts"])
   return {
-      "rewards/chosen": (cr.sum(), b),
-      "rewards/rejected": (rr.sum(), b),
-      "rewards/accuracies": ((cr > rr).astype(jnp.float32).sum(), b),
-      "rewards/margins": ((cr - rr).sum(), b),
-      "logps/chosen": (lc.sum(), b),
-      "logps/rejected": (lr.sum(), b),
+      "rewards/chosen": ((w * cr).sum(), b),
+      "rewards/rejected": ((w * rr).sum(), b),
+      "rewards/accuracies": ((w * (cr > rr)).sum(), b),
+      "rewards/margins": ((w * (cr - rr)).sum(), b),
+      "logps/chosen": ((w * lc).sum(), b),
+      "logps/rejected": ((w * lr).sum(), b),
       "logits/chosen": (sc.sum(), nc.sum()),
       "logits/rejected": (sr.sum(), nr.sum()),
   }

@@ -45,12 +45,13 @@ def reward(params, batch, rng, ctx):
   margin = batch.get("margin") if cfg.get("use_margin", True) else None
   coef = cfg.get("center_rewards_coefficient", None)
   losses = bradley_terry(rc, rr, margin, float(coef or 0.0))
-  b = jnp.float32(losses.shape[0])
+  w = pref.row_weights(batch, losses.shape[0])
+  b = w.sum()
   sg = jax.lax.stop_gradient
   metrics = {
-      "accuracy": ((sg(rc) > sg(rr)).astype(jnp.float32).sum(), b),
-      "margin": (sg(rc - rr).sum(), b),
-      "rewards/chosen": (sg(rc).sum(), b),
-      "rewards/rejected": (sg(rr).sum(), b),
+      "accuracy": ((w * (sg(rc) > sg(rr))).sum(), b),
+      "margin": ((w * sg(rc - rr)).sum(), b),
+      "rewards/chosen": ((w * sg(rc)).sum(), b),
+      "rewards/rejected": ((w * sg(rr)).sum(), b),
   }
-  return (losses.sum(), b), metrics
+  return ((w * losses).sum(), b), metrics

@@ -48,19 +48,21 @@ def _objective(params, batch, ctx, loss_type: str, cpo_alpha: float):
     raise ValueError(f"config.objective.loss_type={loss_type!r}: unknown CPO/SimPO loss "
                      f"(choose from {CPO_LOSS_TYPES})")
   pol, _ = pref.paired_forward(params, batch, ctx, need_reference=False)
+  b = batch["chosen_tokens"].shape[0]
+  w = pref.row_weights(batch, b)
   logps = pol["logps"]
   if loss_type in ("simpo", "ipo"):
-    logps = logps / pol["counts"]  # TRL divides by the token count without a clamp
+    logps = pref.safe_mean_logps(pol, jnp.concatenate([w, w]))
   lp_c, lp_r = pref.halves(logps)
   losses = cpo_losses(loss_type, lp_c, lp_r, beta=beta,
                       label_smoothing=float(cfg.get("label_smoothing", 0.0)),
                       simpo_gamma=float(cfg.get("simpo_gamma", 0.5)))
-  num_pairs = jnp.float32(losses.shape[0])
-  loss_sum = losses.sum()
+  num_pairs = w.sum()
+  loss_sum = (w * losses).sum()
   nll_sum, nll_count = pref.chosen_nll(pol)
   if cpo_alpha:
     loss_sum = loss_sum + cpo_alpha * num_pairs * nll_sum / jnp.maximum(nll_count, 1.0)
-  metrics = pref.pair_metrics(pol, beta * lp_c, beta * lp_r, logps=logps)
+  metrics = pref.pair_metrics(pol, beta * lp_c, beta * lp_r, logps=logps, w=w)
   metrics["nll_loss"] = (jax.lax.stop_gradient(nll_sum), nll_count)
   return (loss_sum, num_pairs), metrics
 
