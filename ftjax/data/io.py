@@ -1,5 +1,8 @@
 """Reading raw rows from local JSONL / JSON / Parquet / CSV files (or HF hub names).
 
+JSONL, JSON and CSV are parsed here (exact line numbers, string values); Parquet and hub
+names go through HF `datasets`.
+
 Every row comes back with a `where` string ("path:line 12" or "path row 5") so that any later
 error (missing field, too long, bad type) can name the exact place in the input. Reused by
 ftjax/data/preference.py.
@@ -7,6 +10,7 @@ ftjax/data/preference.py.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from typing import Any, Dict, List, Tuple
@@ -46,6 +50,8 @@ def read_rows(path: str, split: str = "train") -> List[Located]:
     rows = read_jsonl(path)
   elif kind == "json":
     rows = _read_json(path)
+  elif kind == "csv":
+    rows = _read_csv(path)
   else:
     rows = _read_with_datasets(kind, path)
   if not rows:
@@ -90,6 +96,18 @@ def _read_json(path: str) -> List[Located]:
     if not isinstance(row, dict):
       raise DataError(f"{path} row {i}: expected a JSON object, got {type(row).__name__}")
     out.append((row, f"{path} row {i}"))
+  return out
+
+
+def _read_csv(path: str) -> List[Located]:
+  """CSV via the stdlib so every value stays a string (pandas would turn "4" into 4)."""
+  with open(path, encoding="utf-8", newline="") as f:
+    reader = csv.DictReader(f)
+    out = []
+    for row in reader:
+      if None in row:  # more values than header columns
+        raise DataError(f"{path}:{reader.line_num}: more values than header columns")
+      out.append((dict(row), f"{path}:{reader.line_num}"))
   return out
 
 

@@ -16,12 +16,13 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'][0] }}:{{ m[
 
 def make_tokenizer(path: str, chat_template: str = CHAT_TEMPLATE) -> str:
   """Saves a PreTrainedTokenizerFast to `path`: <pad>=0 <bos>=1 <eos>=2 <unk>=3, then chars."""
-  from tokenizers import Regex, Tokenizer, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
   from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
   chars = [c for c in string.printable if c not in "\x0b\x0c"]
   vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
   tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+  tk.decoder = decoders.Fuse()  # chars join without spaces
   fast = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>",
                                  eos_token="<eos>", unk_token="<unk>")
   fast.chat_template = chat_template
