@@ -73,8 +73,7 @@ def encode_source(tok, src: Dict[str, Any], max_length: int, policy: str):
   rows = io.read_rows(src["path"], src["split"])
   counts = {"examples": 0, "truncated": 0, "dropped": 0}
   out = []
-  for row, where in rows:
-    enc = tokenize.encode_example(tok, row, where, src["format"])
+  for (_, where), enc in zip(rows, tokenize.encode_many(tok, rows, src["format"])):
     enc, status = tokenize.apply_length_policy(enc, max_length, policy, where)
     if status != "ok":
       counts[status] += 1

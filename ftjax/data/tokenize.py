@@ -107,6 +107,42 @@ def encode_example(tok, row: Dict[str, Any], where: str, fmt: str = "auto") -> E
   return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
 
+def encode_many(tok, rows: List[Tuple[Dict[str, Any], str]], fmt: str = "auto") -> List[Encoded]:
+  """encode_example over (row, where) pairs; plain-string sft/text rows are tokenised in one
+  batched call (the fast tokenizer is ~10x quicker that way), identical results."""
+  out: List[Optional[Encoded]] = [None] * len(rows)
+  batched = {"sft": [], "text": []}  # row index lists
+  for i, (row, where) in enumerate(rows):
+    f = detect_format(row, where, fmt)
+    if f == "sft" and not isinstance(row["prompt"], list):
+      _str_field(row, "prompt", where)
+      _str_field(row, "completion", where)
+      batched["sft"].append(i)
+    elif f == "text":
+      _str_field(row, "text", where)
+      batched["text"].append(i)
+    else:
+      out[i] = encode_example(tok, row, where, f)
+  bos, eos = _bos(tok), _eos(tok)
+  if batched["sft"]:
+    idx = batched["sft"]
+    ps = _batch_ids(tok, [rows[i][0]["prompt"] for i in idx])
+    cs = _batch_ids(tok, [rows[i][0]["completion"] for i in idx])
+    for i, p, c in zip(idx, ps, cs):
+      p, c = bos + p, c + eos
+      out[i] = (np.asarray(p + c, np.int32), np.asarray([0] * len(p) + [1] * len(c), np.int32))
+  if batched["text"]:
+    idx = batched["text"]
+    for i, t in zip(idx, _batch_ids(tok, [rows[i][0]["text"] for i in idx])):
+      t = t + eos
+      out[i] = (np.asarray(bos + t, np.int32), np.asarray([0] * len(bos) + [1] * len(t), np.int32))
+  return out
+
+
+def _batch_ids(tok, texts: List[str]) -> List[List[int]]:
+  return [list(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
+
+
 def encode_prompt(tok, example: Dict[str, Any]) -> List[int]:
   """Prompt token ids exactly as they precede the (last) completion in training.
 
