@@ -141,23 +141,20 @@ def test_resume_is_exact(tok):
 
 def test_padding_rows_do_not_change_the_loss(tok, tmp_path):
   """A final partial batch's padding rows (example_id -1) carry no loss or metric weight."""
-  from ftjax.models import Decoder, ModelConfig
-  from ftjax.objectives import ObjectiveContext, get
-  import flax.linen as nn
   import jax
+  import test_pref_lib as lib
+  from ftjax.objectives import get
   path = dt.write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1+2=", "chosen": "3",
                                                  "rejected": "4"}])
-  padded = next(_it(tok, path, bs=2, seq=12))
+  padded = jax.tree_util.tree_map(jnp.asarray, next(_it(tok, path, bs=2, seq=12)))
   single = {k: v[:1] for k, v in padded.items()}
-  cfg = ModelConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_layers=1,
-                    num_heads=2, num_kv_heads=1)
-  model = Decoder(cfg)
-  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))["params"]
-  for name in ("dpo", "simpo", "orpo"):
-    ctx = ObjectiveContext(model=model, config=ml_collections.ConfigDict(
-        {"reference": "none", "beta": 0.5}))
-    (s1, n1), m1 = get(name)(params, jax.tree_util.tree_map(jnp.asarray, padded), None, ctx)
-    (s2, n2), m2 = get(name)(params, jax.tree_util.tree_map(jnp.asarray, single), None, ctx)
+  logits = np.random.RandomState(0).randn(4, 12, 128).astype(np.float32)
+  both = {"logits": jnp.asarray(logits)}
+  one = {"logits": jnp.asarray(logits[[0, 2]])}  # chosen row 0, rejected row 0
+  for name in ("dpo", "simpo", "orpo", "cpo"):
+    ctx = lib.ctx(lib.FakeModel(), reference="none", beta=0.5)
+    (s1, n1), m1 = get(name)(both, padded, None, ctx)
+    (s2, n2), m2 = get(name)(one, single, None, ctx)
     np.testing.assert_allclose(float(s1 / n1), float(s2 / n2), rtol=1e-6, err_msg=name)
     assert float(n1) == 1.0
     for k in m2:
