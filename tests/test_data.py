@@ -225,3 +225,27 @@ def test_csv_and_json_sources(tok, tmp_path):
   for name, want in (("d.csv", ["2", "4"]), ("d.json", ["0", "2"])):
     rows = data.load_examples(_cfg(tmp_path / name), "train")
     assert [r["completion"] for r in rows] == want
+
+
+def test_parquet_source(tok, tmp_path):
+  pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+  pq.write_table(pa.table({"prompt": ["1+1="], "completion": ["2"]}),
+                 str(tmp_path / "d.parquet"))
+  b = next(_iter(_cfg(tmp_path / "d.parquet", packing=False), tok, global_batch_size=2))
+  assert tok.decode(b["tokens"][0][b["segment_ids"][0] > 0]) == "<bos>1+1=2<eos>"
+
+
+def test_shipped_tokenizer_and_task():
+  c = data.default_config()
+  tok = data.load_tokenizer(c.tokenizer)
+  ex = data.load_examples(c, "eval")[0]
+  ids, mask = data.encode_example(tok, ex, "x")
+  prompt = data.encode_prompt(tok, ex)
+  assert prompt == ids[:len(prompt)].tolist()
+  assert tok.decode(ids[mask == 1], skip_special_tokens=True) == ex["completion"]
+  msgs = [{"role": "user", "content": ex["prompt"]},
+          {"role": "assistant", "content": ex["completion"]}]
+  ids, mask = data.encode_example(tok, {"messages": msgs}, "x")
+  assert tok.decode(ids[mask == 1]) == ex["completion"] + tok.eos_token
+  b = next(data.build_iterator(c, tok, split="train", global_batch_size=2, seq_len=32, seed=0))
+  assert b["loss_mask"].sum() > 0 and b["segment_ids"].max() > 1
