@@ -37,20 +37,31 @@ def _base_linears(model_cfg) -> list:
   base_cfg = model_cfg.replace(peft=None)
   shapes = jax.eval_shape(lambda: nn.unbox(Decoder(base_cfg).init(
       jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]))
-  return [p for p, _ in linear_dicts(shapes)]
+  return [(p, d["kernel"].shape[-2:]) for p, d in linear_dicts(shapes)]
 
 
 def available_modules(model_cfg) -> list:
   """HF-style names of every Linear (layer 0 shown for stacked layers), for error messages."""
-  return [hf_name(p, 0 if "layers" in p else None) for p in _base_linears(model_cfg)]
+  return [hf_name(p, 0 if "layers" in p else None) for p, _ in _base_linears(model_cfg)]
 
 
 def check_targets(model_cfg) -> None:
   """Errors early when target_modules selects no Linear (listing the available names)."""
   spec: AdapterSpec = model_cfg.peft
-  paths = _base_linears(model_cfg)
-  if not any(resolve(spec, p, model_cfg.num_layers) for p in paths):
-    names = [hf_name(p, 0 if "layers" in p else None) for p in paths]
+  linears = _base_linears(model_cfg)
+  hits = 0
+  for path, (n_in, n_out) in linears:
+    if spec.quantize == "nf4":
+      nf4.check_shape(n_in, spec.block_size, f"{hf_name(path, None)} (config.peft.quantize='nf4')")
+    target = resolve(spec, path, model_cfg.num_layers)
+    if target is None:
+      continue
+    hits += 1
+    if target[0] > min(n_in, n_out):
+      raise ValueError(f"config.peft.r / rank_pattern: rank {target[0]} > min(in, out) = "
+                       f"{min(n_in, n_out)} for {hf_name(path, None)} [{n_in}, {n_out}]")
+  if not hits:
+    names = [hf_name(p, 0 if "layers" in p else None) for p, _ in linears]
     raise ValueError(f"config.peft.target_modules={spec.target_modules!r} matches no module; "
                      f"available (layer 0 shown): {names}")
 
