@@ -31,6 +31,7 @@ from ftjax.models.config import ModelConfig
 from ftjax.models.hf_config import (FAMILIES, config_from_hf, config_to_hf,  # noqa: F401
                                     optional_dtype, read_hf_config, register_family)
 from ftjax.models.hf_weights import ALIASES, Rule, register_table, table_for  # noqa: F401
+from ftjax.models import hf_moe  # noqa: F401  registers Mixtral, Qwen2-MoE, Qwen3-MoE
 from ftjax.models.transformer import Decoder
 
 DEFAULT_SHARD_BYTES = 5 << 30
@@ -64,12 +65,23 @@ def _hf_shape(rule: Rule, flat, n_lead: int) -> Tuple[int, ...]:
   shape = list(shapes[0])
   if len(shapes) > 1:
     shape[-1] = sum(s[-1] for s in shapes)
+  if rule.kind == "expert_linear":  # [E, in, out] <-> HF's stacked [E, out, in]
+    return tuple(shape[:-2]) + (shape[-1], shape[-2])
   return tuple(reversed(shape)) if rule.kind == "linear" else tuple(shape)
 
 
-def _plan(cfg: ModelConfig, flat: Dict[Tuple[str, ...], Any], where: str):
+def _to_from_hf(arr, kind: str):
+  """The transposition between an HF tensor and ftjax's layout (its own inverse)."""
+  if kind == "linear":
+    return arr.T
+  if kind == "expert_linear":
+    return np.swapaxes(arr, -1, -2)
+  return arr
+
+
+def _plan(cfg: ModelConfig, flat: Dict[Tuple[str, ...], Any], where: str, names=None):
   """Checks the table covers exactly the model's params; returns (rules, ignore patterns)."""
-  rules, ignore = table_for(cfg)
+  rules, ignore = table_for(cfg, names)
   covered = set()
   for rule in rules:
     for p in rule.paths:
@@ -114,9 +126,7 @@ def _load_rule(rule, flat, shard_flat, reader, names, where):
     if direct:  # straight into the destination, no temporary
       reader.read(real, out=bufs[0][idx] if idx else bufs[0])
       continue
-    arr = reader.read(real)
-    if rule.kind == "linear":
-      arr = arr.T
+    arr = _to_from_hf(reader.read(real), rule.kind)
     parts = np.split(arr, splits, axis=-1) if len(bufs) > 1 else [arr]
     for b, part in zip(bufs, parts):
       b[idx] = part
@@ -143,8 +153,8 @@ def load_hf(path: str, *, mesh=None, rules=None, dtype=None,
     shardings = shd.logical_shardings(boxed, mesh, shd.rules_from_config(rules))
     shard_flat = traverse_util.flatten_dict(shardings)
   flat = traverse_util.flatten_dict(nn.unbox(boxed))
-  table, ignore = _plan(cfg, flat, path)
   tensors = hf_io.checkpoint_index(path)
+  table, ignore = _plan(cfg, flat, path, names=tensors)  # names: MoE v4 vs v5 expert layout
 
   jobs, used, missing = [], set(), []
   for rule in table:
@@ -230,8 +240,7 @@ def export_hf(params, cfg: ModelConfig, out_dir: str, tokenizer=None,
     for _, dt, _, rule, idx in items:
       parts = [np.asarray(flat[p][idx] if idx else flat[p]) for p in rule.paths]
       arr = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
-      if rule.kind == "linear":
-        arr = arr.T
+      arr = _to_from_hf(arr, rule.kind)
       yield np.ascontiguousarray(arr.astype(dt, copy=False))
 
   os.makedirs(out_dir, exist_ok=True)

@@ -34,7 +34,7 @@ Path = Tuple[str, ...]
 class Rule:
   hf: str
   paths: Tuple[Path, ...]
-  kind: str = "copy"  # copy | linear
+  kind: str = "copy"  # copy | linear | expert_linear (stacked [E, out, in] <-> [E, in, out])
 
   @property
   def placeholders(self) -> Tuple[str, ...]:
@@ -50,11 +50,14 @@ def register_table(model_type: str, fn: TableFn) -> TableFn:
   return fn
 
 
-def table_for(cfg: ModelConfig) -> Tuple[List[Rule], List[re.Pattern]]:
+def table_for(cfg: ModelConfig, names=None) -> Tuple[List[Rule], List[re.Pattern]]:
+  """names: the checkpoint's tensor names when loading (None on export); tables marked
+  `reads_names` (MoE: v4 per-expert vs v5 fused experts) pick their layout from them."""
   if cfg.family not in TABLES:
     raise ValueError(f"model.family={cfg.family!r}: no HF weight table (supported: "
                      f"{', '.join(sorted(TABLES))})")
-  rules, ignore = TABLES[cfg.family](cfg)
+  fn = TABLES[cfg.family]
+  rules, ignore = fn(cfg, names) if getattr(fn, "reads_names", False) else fn(cfg)
   return rules, [re.compile(p) for p in ignore]
 
 
