@@ -97,8 +97,9 @@ def _qwen3_moe_to_cfg(d):
 
 def _qwen_moe_hf(cfg: ModelConfig) -> Dict[str, Any]:
   d = hc._llama_like_to_hf(cfg)  # pylint: disable=protected-access
-  d.update(_moe_hf(cfg), hc._qwen_sliding(cfg),  # pylint: disable=protected-access
-           num_experts=cfg.num_experts, norm_topk_prob=cfg.moe_norm_topk_prob,
+  d.update(_moe_hf(cfg))
+  d.update(hc._qwen_sliding(cfg))  # pylint: disable=protected-access
+  d.update(num_experts=cfg.num_experts, norm_topk_prob=cfg.moe_norm_topk_prob,
            moe_intermediate_size=cfg.moe_intermediate_size or cfg.intermediate_size)
   return d
 
