@@ -112,6 +112,14 @@ def test_packing_segments_targets_mask(tok, tmp_path):
   assert it.stats["examples"] == 30
 
 
+def test_first_fit_rows():
+  exs = [{"tokens": np.full(n, n, np.int32), "mask": np.ones(n, np.int32)} for n in (5, 3, 4, 2)]
+  rows = data.pipeline.pack_examples(exs, 8, pad_id=0)
+  assert rows["tokens"].tolist() == [[5] * 5 + [3] * 3, [4] * 4 + [2] * 2 + [0] * 2]
+  assert rows["segment_ids"].tolist() == [[1] * 5 + [2] * 3, [1] * 4 + [2] * 2 + [0] * 2]
+  assert rows["positions"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 0, 0]]
+
+
 def test_no_packing_one_example_per_row(tok, tmp_path):
   path = testing.write_jsonl(tmp_path / "a.jsonl", _sft_rows(6))
   b = next(_iter(_cfg(path, packing=False, shuffle=False), tok, global_batch_size=6))
@@ -193,10 +201,10 @@ def test_process_shards_concatenate_to_global_batch(tok, tmp_path):
       np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), g[k])
 
 
-@pytest.mark.parametrize("packing", [True, False])
-def test_state_resumes_exactly(tok, tmp_path, packing):
+@pytest.mark.parametrize("packing,window", [(True, 1024), (True, 5), (False, 1)])
+def test_state_resumes_exactly(tok, tmp_path, packing, window):
   path = testing.write_jsonl(tmp_path / "a.jsonl", _sft_rows(37))
-  c = _cfg(path, packing=packing)
+  c = _cfg(path, packing=packing, packing_window=window)
   it = _iter(c, tok, global_batch_size=4, seed=1)
   for _ in range(7):  # crosses an epoch boundary
     next(it)

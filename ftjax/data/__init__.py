@@ -28,8 +28,8 @@ def default_config() -> ml_collections.ConfigDict:
   train / eval: sources, each {"path", "weight" (mixture weight), "format", "split" (hub only)}
   or a plain path. max_length: per-example cap (None = train.seq_len). truncation: 'truncate'
   (cut right) | 'drop' | 'error'. packing: first-fit several examples per row.
-  packing_bins: examples are packed into this many open rows at once (0 = max(64, batch));
-  grain first-fit flushes all open rows when an example fits none, so more bins = less padding.
+  packing_window: examples are first-fit packed in windows of this many consecutive examples
+  (larger = less padding in each window's last rows; the window's rows are emitted in order).
   """
   c = ml_collections.ConfigDict()
   c.tokenizer = ml_collections.config_dict.placeholder(str)
@@ -40,7 +40,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.max_length = ml_collections.config_dict.placeholder(int)
   c.truncation = "truncate"
   c.packing = True
-  c.packing_bins = 0
+  c.packing_window = 1024
   c.shuffle = True
   c.format = "auto"
   return c
@@ -78,14 +78,17 @@ def build_iterator(data_cfg, tokenizer, *, split: str, global_batch_size: int, s
     for k, v in counts.items():
       stats[k] += v
   train = split == "train"
-  ds = pipeline.mixed_source(per_source, [s["weight"] for s in srcs], seed=seed,
-                             shuffle=train and bool(data_cfg.get("shuffle", True)),
-                             num_epochs=num_epochs, mix=train)
+  examples = [e for src in per_source for e in src]
+  ids = pipeline.mixed_ids([len(e) for e in per_source], [s["weight"] for s in srcs],
+                           seed=seed, shuffle=train and bool(data_cfg.get("shuffle", True)),
+                           num_epochs=num_epochs, mix=train)
   if data_cfg.get("packing", True):
-    bins = int(data_cfg.get("packing_bins", 0) or max(64, global_batch_size))
-    rows = pipeline.pack_rows(ds, seq_len, bins, pad_id)
+    window = int(data_cfg.get("packing_window", 1024))
+    if window < 1:
+      raise ValueError(f"config.data.packing_window must be >= 1, got {window}")
+    rows = pipeline.pack_rows(ids, examples, seq_len, window, pad_id)
   else:
-    rows = pipeline.pad_rows(ds, seq_len, pad_id)
+    rows = pipeline.pad_rows(ids, examples, seq_len, pad_id)
   pads = {"tokens": pad_id, "targets": pad_id}
   batches = rows.batch(global_batch_size).map(
       lambda b: pipeline.pad_batch(pipeline.shift_targets(b, pad_id), global_batch_size, pads))

@@ -7,11 +7,13 @@ data sizes: examples are tokenised once, in memory) and keeps rows
 is identical whatever the process count, and a checkpointed iterator state (which describes
 the global stream) can be restored under a different process count.
 
-Reused by ftjax/data/preference.py: `mixed_source`, `SlicingIterator`.
+Reused by ftjax/data/preference.py: `mixed_source`, `shift_targets`, `pad_batch`,
+`SlicingIterator`.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import grain
@@ -25,73 +27,151 @@ def _seed(seed: int, i: int) -> int:
   return (int(seed) * 1_000_003 + 7919 * i) % (2**32)
 
 
-def mixed_source(per_source: Sequence[List[Any]], weights: Optional[Sequence[float]], *,
-                 seed: int, shuffle: bool, num_epochs: Optional[int],
-                 mix: bool = True) -> grain.MapDataset:
-  """One MapDataset over several sources' element lists.
+def mixed_ids(sizes: Sequence[int], weights: Optional[Sequence[float]], *, seed: int,
+              shuffle: bool, num_epochs: Optional[int], mix: bool = True) -> grain.MapDataset:
+  """A MapDataset of global example ids (source k owns ids [sum(sizes[:k]), ... + sizes[k])).
 
   mix=True (training): each source is shuffled (reshuffled every epoch) and repeated, then
   sources are interleaved by `weights` with grain's MapDataset.mix, so an imbalanced mixture
   follows the weights exactly. With finite num_epochs a mixture ends when any source is
   exhausted (grain semantics). mix=False (eval): sources are concatenated in order, so every
-  example is seen once per epoch.
+  example is seen once per epoch. Ids rather than arrays flow through grain: it is cheaper.
   """
-  if not mix or len(per_source) == 1:
-    elems = [e for src in per_source for e in src]
-    ds = grain.MapDataset.source(elems)
+  offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+  if not mix or len(sizes) == 1:
+    ds = grain.MapDataset.range(int(offsets[-1]))
     if shuffle:
       ds = ds.shuffle(seed=_seed(seed, 0))
     return ds.repeat(num_epochs)
   parts = []
-  for i, elems in enumerate(per_source):
-    ds = grain.MapDataset.source(list(elems))
+  for i in range(len(sizes)):
+    ds = grain.MapDataset.range(int(offsets[i]), int(offsets[i + 1]))
     if shuffle:
       ds = ds.shuffle(seed=_seed(seed, i))
     parts.append(ds.repeat(num_epochs))
   return grain.MapDataset.mix(parts, [float(w) for w in weights])
 
 
-def pack_rows(ds: grain.MapDataset, seq_len: int, num_bins: int, pad_id: int,
-              features: Sequence[str] = ("tokens", "mask")) -> grain.IterDataset:
-  """Greedy first-fit packing into rows of seq_len (grain FirstFitPackIterDataset).
+def mixed_source(per_source: Sequence[List[Any]], weights: Optional[Sequence[float]], *,
+                 seed: int, shuffle: bool, num_epochs: Optional[int],
+                 mix: bool = True) -> grain.MapDataset:
+  """mixed_ids, mapped to the elements themselves (see mixed_ids for the semantics)."""
+  flat = [e for src in per_source for e in src]
+  ids = mixed_ids([len(s) for s in per_source], weights, seed=seed, shuffle=shuffle,
+                  num_epochs=num_epochs, mix=mix)
+  return ids.map(lambda i: flat[i])
 
-  Output per row: each feature [T] plus `segment_ids` (1..k, 0 = padding) and `positions`
-  (restarting at 0 per segment), taken from the first feature.
+
+def pack_examples(examples: Sequence[Dict[str, np.ndarray]], seq_len: int, pad_id: int,
+                  features: Sequence[str] = ("tokens", "mask")) -> Batch:
+  """Greedy first-fit of examples (in order) into as many rows of seq_len as needed.
+
+  Returns each feature [R, T] (first feature padded with pad_id, others 0) plus segment_ids
+  (1..k per row, 0 = padding) and positions (restarting at 0 per segment).
   """
-  it = ds.to_iter_dataset(_READ)
-  lengths = {f: seq_len for f in features}
-  padding = {f: (pad_id if f == features[0] else 0) for f in features}
-  packed = grain.experimental.FirstFitPackIterDataset(
-      it, length_struct=lengths, num_packing_bins=num_bins, shuffle_bins=False,
-      padding_struct=padding)
   first = features[0]
+  lengths = np.fromiter((len(e[first]) for e in examples), np.int64, len(examples))
+  if lengths.max(initial=0) > seq_len:
+    raise ValueError(f"packing: an example of {lengths.max()} tokens exceeds seq_len={seq_len}")
+  room = np.zeros(len(examples), np.int64)  # free slots per row; at most one row per example
+  nseg = np.zeros(len(examples), np.int64)
+  place = []  # (row, offset, segment id) per example
+  nrows = 0
+  for n in lengths:
+    fits = np.flatnonzero(room[:nrows] >= n)
+    r = int(fits[0]) if fits.size else nrows
+    if r == nrows:
+      room[r], nrows = seq_len, nrows + 1
+    nseg[r] += 1
+    place.append((r, seq_len - room[r], nseg[r]))
+    room[r] -= n
+  out = {f: np.full((nrows, seq_len), pad_id if f == first else 0, np.int32) for f in features}
+  out["segment_ids"] = np.zeros((nrows, seq_len), np.int32)
+  out["positions"] = np.zeros((nrows, seq_len), np.int32)
+  ar = np.arange(seq_len, dtype=np.int32)
+  for e, n, (r, o, sid) in zip(examples, lengths, place):
+    for f in features:
+      out[f][r, o:o + n] = e[f]
+    out["segment_ids"][r, o:o + n] = sid
+    out["positions"][r, o:o + n] = ar[:n]
+  return out
 
-  def rename(row):
-    out = {f: row[f] for f in features}
-    out["segment_ids"] = row[f"{first}_segment_ids"].astype(np.int32)
-    out["positions"] = row[f"{first}_positions"].astype(np.int32)
-    return out
 
-  return packed.map(rename)
+class _PackIterator(grain.DatasetIterator):
+  """Pulls `window` example ids, first-fit packs them, emits the rows one by one.
+
+  State = (parent state at the window start, rows already emitted): restoring re-reads and
+  re-packs that window deterministically, so resumption is exact and the state stays small.
+  """
+
+  def __init__(self, parent, examples, seq_len, window, pad_id, features):
+    super().__init__(parent)
+    self._examples, self._seq_len, self._window = examples, seq_len, window
+    self._pad_id, self._features = pad_id, features
+    self._rows, self._start, self._next = None, None, 0
+
+  def _exhausted_window(self) -> bool:
+    return self._rows is None or self._next >= self._rows["segment_ids"].shape[0]
+
+  def _fill(self):
+    self._start = copy.deepcopy(self._parent.get_state())
+    ids = []
+    for _ in range(self._window):
+      try:
+        ids.append(next(self._parent))
+      except StopIteration:
+        break
+    if not ids:
+      raise StopIteration
+    self._rows = pack_examples([self._examples[i] for i in ids], self._seq_len, self._pad_id,
+                               self._features)
+    self._next = 0
+
+  def __next__(self):
+    if self._exhausted_window():
+      self._fill()
+    row = {k: v[self._next] for k, v in self._rows.items()}
+    self._next += 1
+    return row
+
+  def get_state(self):
+    if self._exhausted_window():
+      return {"parent": copy.deepcopy(self._parent.get_state()), "next_row": 0}
+    return {"parent": copy.deepcopy(self._start), "next_row": self._next}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self._rows, self._next = None, 0
+    if state["next_row"]:
+      self._fill()
+      self._next = int(state["next_row"])
 
 
-def pad_rows(ds: grain.MapDataset, seq_len: int, pad_id: int,
+class PackIterDataset(grain.IterDataset):
+  """grain IterDataset of packed rows from an IterDataset of ids into `examples`."""
+
+  def __init__(self, parent: grain.IterDataset, examples: Sequence[Dict[str, np.ndarray]], *,
+               seq_len: int, window: int, pad_id: int,
+               features: Sequence[str] = ("tokens", "mask")):
+    super().__init__(parent)
+    self._args = (examples, seq_len, int(window), pad_id, tuple(features))
+
+  def __iter__(self):
+    return _PackIterator(self._parent.__iter__(), *self._args)
+
+
+def pack_rows(ids: grain.MapDataset, examples, seq_len: int, window: int, pad_id: int,
+              features: Sequence[str] = ("tokens", "mask")) -> grain.IterDataset:
+  """Packed rows (see pack_examples) over windows of `window` consecutive ids of `ids`."""
+  return PackIterDataset(ids.to_iter_dataset(_READ), examples, seq_len=seq_len, window=window,
+                         pad_id=pad_id, features=features)
+
+
+def pad_rows(ids: grain.MapDataset, examples, seq_len: int, pad_id: int,
              features: Sequence[str] = ("tokens", "mask")) -> grain.IterDataset:
   """One example per row, right-padded to seq_len (segment id 1, padding 0)."""
-  first = features[0]
-
-  def pad(ex):
-    n = len(ex[first])
-    out = {}
-    for f in features:
-      row = np.full(seq_len, pad_id if f == first else 0, np.int32)
-      row[:n] = ex[f]
-      out[f] = row
-    out["segment_ids"] = (np.arange(seq_len) < n).astype(np.int32)
-    out["positions"] = np.where(np.arange(seq_len) < n, np.arange(seq_len), 0).astype(np.int32)
-    return out
-
-  return ds.map(pad).to_iter_dataset(_READ)
+  return ids.map(lambda i: {k: v[0] for k, v in pack_examples(
+      [examples[i]], seq_len, pad_id, features).items()}).to_iter_dataset(_READ)
 
 
 def shift_targets(rows: Batch, pad_id: int) -> Batch:
