@@ -136,8 +136,11 @@ def spec_from_config(peft_cfg) -> Optional[AdapterSpec]:
   target = _get(peft_cfg, "target_modules", "all-linear")
   if not isinstance(target, str):
     target = tuple(str(t) for t in target)
-  pattern = lambda key: tuple(sorted(dict(_get(peft_cfg, key, {}) or {}).items()))
-  quantize = _get(peft_cfg, "quantize", None)
+  def pattern(key):
+    v = _get(peft_cfg, key, {}) or {}
+    return tuple(sorted(dict(v.to_dict() if hasattr(v, "to_dict") else v).items()))
+  quantize = _get(peft_cfg, "quantize", None) or None  # '' / 'none' in configs mean off
+  quantize = None if quantize == "none" else quantize
   if method == "qlora":
     quantize = quantize or "nf4"
   return AdapterSpec(
