@@ -22,5 +22,5 @@ def sft(params, batch, rng, ctx):
       "token_accuracy": ((correct * mask).sum(), count),
   }
   # MoE router losses (load balancing, z-loss) and metrics; no-op for dense models.
-  loss_sum, metrics = moe_aux.add_terms(nll_sum, count, aux, ctx.config, metrics)
+  loss_sum, metrics = moe_aux.add_terms(nll_sum, count, aux, ctx, metrics)
   return (loss_sum, count), metrics
