@@ -225,6 +225,8 @@ def test_eval_one_epoch_pads_last_batch(tok, tmp_path):
   assert len(batches) == 2 and batches[1]["segment_ids"][1:].max() == 0
   assert batches[1]["loss_mask"][1:].sum() == 0
   assert [r["prompt"] for r in data.load_examples(_cfg(path), "eval")][:2] == ["0+0=", "1+1="]
+  chat = testing.write_jsonl(tmp_path / "c.jsonl", [{"messages": MSGS}])
+  assert data.load_examples(_cfg(chat), "eval")[0]["completion"] == "4"
 
 
 def test_csv_and_json_sources(tok, tmp_path):

@@ -66,6 +66,11 @@ def build_iterator(data_cfg, tokenizer, *, split: str, global_batch_size: int, s
   sources in file order, unshuffled. num_epochs=None repeats forever; with a finite count the
   last partial global batch is padded with all-padding rows (loss_mask 0), then StopIteration.
   Every process builds the same global stream and keeps its slice of rows (see pipeline.py).
+
+  `.stats`: examples / truncated / dropped (usable, cut, and discarded examples of the split,
+  fixed at build time; discarded = over-long under 'drop', or no target left), plus running
+  counts over the global batches yielded so far (not restored by set_state): batches, tokens
+  (non-padding), loss_tokens, row_slots (tokens / row_slots = packing efficiency).
   """
   srcs = sources.sources(data_cfg, split)
   max_length = _max_length(data_cfg, seq_len)

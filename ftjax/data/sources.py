@@ -50,9 +50,20 @@ def sources(data_cfg, split: str) -> List[Dict[str, Any]]:
 
 
 def load_examples(data_cfg, split: str) -> List[Dict[str, Any]]:
-  """Raw rows of every source of `split`, in file order (e.g. for eval generation)."""
-  return [row for s in sources(data_cfg, split)
-          for row, _ in io.read_rows(s["path"], s["split"])]
+  """Raw rows of every source of `split`, in file order (e.g. for eval generation).
+
+  A "messages" row ending with an assistant turn also gets "completion" = that turn's content
+  (what greedy decoding after encode_prompt should reproduce), unless it already has one.
+  """
+  out = []
+  for s in sources(data_cfg, split):
+    for row, _ in io.read_rows(s["path"], s["split"]):
+      msgs = row.get("messages")
+      if (isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict)
+          and msgs[-1].get("role") == "assistant" and "completion" not in row):
+        row = dict(row, completion=msgs[-1].get("content", ""))
+      out.append(row)
+  return out
 
 
 _CACHE: Dict[Tuple, Tuple[List[Dict[str, np.ndarray]], Dict[str, int]]] = {}
