@@ -48,6 +48,9 @@ class ModelConfig:
   # Hashable rope scaling: (("rope_type", "llama3"), ("factor", 8.0), ...).
   rope_scaling: Optional[Tuple[Tuple[str, Any], ...]] = None
   tie_embeddings: bool = False
+  # 'lm': vocab logits; 'reward': a scalar 'score' head [hidden, 1] instead of lm_head (HF
+  # ForSequenceClassification, num_labels=1), output [B, T, 1]; see ftjax/models/reward.py.
+  head: str = "lm"
 
   # Mixture of experts (0 = dense MLP).
   num_experts: int = 0

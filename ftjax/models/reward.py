@@ -1,8 +1,8 @@
 """Reward model: the decoder with a scalar head read at the last non-pad token.
 
-Layout is Hugging Face's `AutoModelForSequenceClassification` with num_labels=1: the backbone's
-params are the decoder's (no lm_head) plus `score.kernel` [hidden, 1] (HF `score.weight` [1, hidden],
-no bias). The score is read where HF reads it: the last position whose token is real (here
+Layout is Hugging Face's `AutoModelForSequenceClassification` with num_labels=1: the decoder
+with ModelConfig.head='reward' has no lm_head and a `score.kernel` [hidden, 1] (HF `score.weight`
+[1, hidden], no bias), so the train loop, sharding and PEFT treat it like any decoder. The score is read where HF reads it: the last position whose token is real (here
 segment_ids > 0; HF uses input_ids != pad_token_id, so keep pad ids out of the sequences).
 """
 
@@ -18,22 +18,24 @@ from ftjax.models.transformer import Decoder
 
 
 class RewardModel(Decoder):
-  """tokens [B, T] -> rewards [B] float32 (or per-position scores [B, T] with all_positions)."""
+  """tokens [B, T] -> rewards [B] float32 (or per-position scores [B, T] with all_positions).
 
-  def setup(self):
-    super().setup()
-    self.score = nn.Dense(
-        1, use_bias=False, dtype=jnp.float32, param_dtype=self.cfg.weight_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", None)),
-        name="score")
+  The decoder with cfg.head == 'reward' (build it with `reward_model(cfg)`): same params as
+  `Decoder(cfg)` trains in the loop, read at the last real token here.
+  """
 
   def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
                segment_ids: Optional[jax.Array] = None, all_positions: bool = False):
-    h = super().__call__(tokens, positions=positions, segment_ids=segment_ids, return_hidden=True)
-    scores = self.score(h.astype(jnp.float32))[..., 0]  # [B, T]
+    if self.cfg.head != "reward":
+      raise ValueError("RewardModel needs model.head='reward' (use reward_model(cfg))")
+    scores = super().__call__(tokens, positions=positions, segment_ids=segment_ids)[..., 0]
     if all_positions:
       return scores
     return gather_last(scores, segment_ids)
+
+
+def reward_model(cfg) -> RewardModel:
+  return RewardModel(cfg.replace(head="reward"))
 
 
 def last_index(segment_ids: Optional[jax.Array], length: int, batch: int) -> jax.Array:
@@ -51,8 +53,8 @@ def gather_last(scores: jax.Array, segment_ids: Optional[jax.Array]) -> jax.Arra
 
 
 def as_reward_model(model) -> RewardModel:
-  """The reward model for a decoder module (same config), or the module itself."""
-  return model if isinstance(model, RewardModel) else RewardModel(model.cfg)
+  """The reward model for a decoder module (same config, head='reward'), or the module itself."""
+  return model if isinstance(model, RewardModel) else reward_model(model.cfg)
 
 
 def init_score(rng, hidden_size: int, dtype=jnp.float32) -> dict:
@@ -126,7 +128,7 @@ def load_reward_hf(path: str):
   """(ModelConfig, RewardModel params) from an HF sequence-classification dir (num_labels=1)."""
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   from ftjax.models import hf, hf_io  # pylint: disable=g-import-not-at-top
-  cfg = hf.config_from_hf(path)
+  cfg = hf.config_from_hf(path).replace(head="reward")
   model = RewardModel(cfg)
   boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 1), jnp.int32))["params"],
                          jax.random.key(0))
@@ -148,5 +150,5 @@ def load_reward_hf(path: str):
 def from_causal_lm(params, rng, hidden_size: int) -> dict:
   """Reward params from decoder params: lm_head dropped, a fresh score head added."""
   out = {k: v for k, v in params.items() if k != "lm_head"}
-  out["score"] = init_score(rng, hidden_size)
+  out["score"] = init_score(rng, hidden_size, params["embed_tokens"]["embedding"].dtype)
   return out

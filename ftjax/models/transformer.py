@@ -77,7 +77,12 @@ class Decoder(nn.Module):
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, name="layers")
     self.norm = Norm(cfg, name="norm")
-    if not cfg.tie_embeddings:
+    if cfg.head == "reward":  # scalar reward head (ftjax/models/reward.py)
+      self.score = nn.Dense(
+          1, use_bias=False, dtype=jnp.float32, param_dtype=cfg.weight_dtype,
+          kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                   ("embed", None)))
+    elif not cfg.tie_embeddings:
       self.lm_head = nn.Dense(
           cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
           param_dtype=cfg.weight_dtype,
@@ -106,6 +111,8 @@ class Decoder(nn.Module):
 
   def logits(self, x: jax.Array) -> jax.Array:
     cfg = self.cfg
+    if cfg.head == "reward":
+      return self.score(x.astype(jnp.float32))  # [B, T, 1]
     if cfg.tie_embeddings:
       logits = self.embed_tokens.attend(x)
     else:

@@ -92,6 +92,10 @@ def load_init_from(workdir: str, shardings):
   params = merge_params(trainable, frozen)
   if "peft" in params:  # pragma: no cover - adapters must be merged before reuse as a base
     raise ValueError("config.init_from: checkpoint has adapters; export a merged model first")
+  if "score" in shardings and "score" not in params:  # reward model (head='reward') from an LM
+    from ftjax.models.reward import from_causal_lm  # pylint: disable=g-import-not-at-top
+    params = from_causal_lm(params, jax.random.key(0),
+                            np.shape(params["embed_tokens"]["embedding"])[-1])
   try:
     return jax.tree_util.tree_map(lambda x, s: jax.device_put(np.asarray(x), s), params,
                                   shardings)
