@@ -78,10 +78,15 @@ def test_v4_config_spelling(tmp_path):
   assert v5.rope_theta == 500.0 and dict(v5.rope_scaling) == {"rope_type": "linear", "factor": 2.0}
 
 
-def test_gemma_v4_activation_and_tied_default():
+def test_gemma_v4_configs():
   d = dict(ht.TINY["gemma"], model_type="gemma", hidden_act="gelu")  # v4 legacy value
   cfg = hf.config_from_hf(d)
   assert cfg.mlp_activation == "gelu_pytorch_tanh" and cfg.tie_embeddings and cfg.embed_scale
+  # v4 Gemma 2 configs have no layer_types: sliding on even layers, HF default caps.
+  cfg = hf.config_from_hf(dict(ht.TINY["llama"], model_type="gemma2", sliding_window=8))
+  assert (cfg.sliding_window, cfg.sliding_window_pattern) == (8, 2)
+  assert (cfg.attn_logit_softcap, cfg.final_logit_softcap, cfg.query_pre_attn_scalar) == (
+      50.0, 30.0, 256)
 
 
 def test_qwen2_sliding_layers_and_unsupported(tmp_path):

@@ -91,3 +91,43 @@ def test_clear_errors(tmp_path):
   os.remove(os.path.join(src, "model.safetensors"))
   with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
     hf.load_hf(src)
+
+
+def test_gpt2_legacy_names(tmp_path):
+  """Old GPT-2 files: no 'transformer.' prefix, causal-mask buffers stored as tensors."""
+  import jax  # pylint: disable=g-import-not-at-top
+  src = ht.save_tiny("gpt2", tmp_path / "g")
+  _, want = hf.load_hf(src)
+
+  def legacy(t):
+    for k in list(t):
+      t[k.replace("transformer.", "")] = t.pop(k)
+    t["h.0.attn.bias"] = np.ones((1, 1, 64, 64), np.float32)
+    t["h.0.attn.masked_bias"] = np.zeros((), np.float32)
+  _edit(src, legacy)
+  _, got = hf.load_hf(src)
+  for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_load_straight_to_shardings_4_devices(tmp_path):
+  """fsdp=2 x tensor=2 on 4 CPU devices: each device holds only its shard, values exact."""
+  from conftest import run_python  # pylint: disable=g-import-not-at-top
+  src = ht.save_tiny("llama", tmp_path / "l")
+  r = run_python(f"""
+import numpy as np, jax
+from ftjax import sharding as shd
+from ftjax.models import hf
+mesh = shd.make_mesh([("fsdp", 2), ("tensor", 2)])
+cfg, p = hf.load_hf({src!r}, mesh=mesh)
+_, plain = hf.load_hf({src!r})
+q = p["layers"]["self_attn"]["q_proj"]["kernel"]  # [L, embed->fsdp, heads->tensor]
+assert q.sharding.spec[1:] == ("fsdp", "tensor"), q.sharding.spec
+assert {{s.data.shape for s in q.addressable_shards}} == {{(2, 32, 32)}}
+e = p["embed_tokens"]["embedding"]  # [vocab->tensor, embed->fsdp]
+assert {{s.data.shape for s in e.addressable_shards}} == {{(64, 32)}}
+for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(plain)):
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+print("OK")
+""", devices=4)
+  assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]

@@ -207,10 +207,15 @@ def _gemma_to_cfg(d):
 
 
 def _gemma2_to_cfg(d):
+  if d.get("sliding_window") is not None and not d.get("layer_types"):
+    # v4 configs have no layer_types: Gemma 2 always slid on even layers.
+    d = dict(d, layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                             for i in range(d["num_hidden_layers"])])
   kw = _gemma_to_cfg(d)
-  kw.update(post_norms=True, attn_logit_softcap=d.get("attn_logit_softcapping"),
-            final_logit_softcap=d.get("final_logit_softcapping"),
-            query_pre_attn_scalar=d.get("query_pre_attn_scalar"))
+  # Missing keys take Gemma2Config's defaults (an explicit null turns a cap off).
+  kw.update(post_norms=True, attn_logit_softcap=d.get("attn_logit_softcapping", 50.0),
+            final_logit_softcap=d.get("final_logit_softcapping", 30.0),
+            query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256))
   return kw
 
 
