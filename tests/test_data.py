@@ -257,5 +257,5 @@ def test_shipped_tokenizer_and_task():
           {"role": "assistant", "content": ex["completion"]}]
   ids, mask = data.encode_example(tok, {"messages": msgs}, "x")
   assert tok.decode(ids[mask == 1]) == ex["completion"] + tok.eos_token
-  b = next(data.build_iterator(c, tok, split="train", global_batch_size=2, seq_len=32, seed=0))
+  b = next(data.build_iterator(c, tok, split="eval", global_batch_size=2, seq_len=32, seed=0))
   assert b["loss_mask"].sum() > 0 and b["segment_ids"].max() > 1
