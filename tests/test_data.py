@@ -78,6 +78,24 @@ def test_messages_mask_is_exactly_assistant_spans(tok):
   assert no_answer == prompt
 
 
+def test_messages_without_offsets_same_mask(tok):
+  class NoOffsets:  # e.g. a slow (python) tokenizer
+    def __init__(self, t):
+      self._t = t
+
+    def __getattr__(self, name):
+      return getattr(self._t, name)
+
+    def __call__(self, text, **kw):
+      if kw.get("return_offsets_mapping"):
+        raise NotImplementedError
+      return self._t(text, **kw)
+
+  want = data.tokenize.encode_messages(tok, MSGS, "x")
+  got = data.tokenize.encode_messages(NoOffsets(tok), MSGS, "x")
+  assert [np.asarray(g).tolist() for g in got] == [np.asarray(w).tolist() for w in want]
+
+
 def test_encode_prompt_matches_training_prefix(tok):
   ex = {"prompt": "12+30=", "completion": "42"}
   ids, mask = data.encode_example(tok, ex, "x")

@@ -191,18 +191,37 @@ def _assistant_spans(tok, msgs, full: str, where: str, loss_from: int):
   return spans
 
 
+def _token_spans(tok, full: str, spans, where: str):
+  """(ids of `full`, [start, end) token spans of the char spans)."""
+  try:
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    starts = [s for s, _ in enc["offset_mapping"]]
+  except (NotImplementedError, ValueError, TypeError):  # tokenizers without offsets
+    enc, starts = tok(full, add_special_tokens=False), None
+  ids = list(enc["input_ids"])
+  if starts is not None:
+    first = lambda c: next((j for j, s in enumerate(starts) if s >= c), len(ids))
+    return ids, [(first(a), first(b)) for a, b in spans]
+  out = []
+  for a, b in spans:  # each rendered prefix must tokenise to a prefix of the whole
+    pa, pb = _text_ids(tok, full[:a]), _text_ids(tok, full[:b])
+    if pa != ids[:len(pa)] or pb != ids[:len(pb)]:
+      raise DataError(f"{where}: assistant turn boundaries split a token; cannot mask exactly")
+    out.append((len(pa), len(pb)))
+  return ids, out
+
+
 def encode_messages(tok, msgs, where: str, loss_from: int = 0):
   """(ids, mask, token index where each trained assistant span starts) for a conversation."""
   full = _render(tok, msgs, False, where)
-  spans = _assistant_spans(tok, msgs, full, where, loss_from)
-  enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-  ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-  mask = [int(any(a <= s < b for a, b in spans)) for s, _ in offsets]
+  ids, tspans = _token_spans(tok, full, _assistant_spans(tok, msgs, full, where, loss_from),
+                             where)
   with_bos = _with_bos(tok, ids)
   shift = len(with_bos) - len(ids)
-  starts = [shift + next((j for j, (s, _) in enumerate(offsets) if s >= a), len(ids))
-            for a, _ in spans]
-  return (np.asarray(with_bos, np.int32), np.asarray([0] * shift + mask, np.int32), starts)
+  mask = np.zeros(len(with_bos), np.int32)
+  for a, b in tspans:
+    mask[shift + a:shift + b] = 1
+  return np.asarray(with_bos, np.int32), mask, [shift + a for a, _ in tspans]
 
 
 def apply_length_policy(enc: Encoded, max_length: int, policy: str, where: str):
