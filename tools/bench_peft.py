@@ -1,0 +1,193 @@
+"""PEFT train-step throughput and memory: ftjax full FT / LoRA / DoRA / QLoRA vs HF PEFT LoRA.
+
+  python tools/bench_peft.py [--rounds 3] [--steps 2] [--out bench_out/peft.json]
+
+Bench model (tools/bench_sft.py's): Llama, hidden 512, 8 layers, 8/4 heads, MLP 1408, vocab 8192,
+seq 512, batch 4, float32, AdamW; LoRA r 16 / alpha 32 on every linear layer. Every measurement
+is a fresh subprocess (peak RSS is per run); implementations are interleaved round by round
+(rotated order) and we report medians. "weights MB" is the bytes of all params (NF4 kernels
+included); "linear base %" is the NF4 linear kernels' bytes over their float32 bytes.
+LoRA needs no weight gradients, so its matmul floor is ~4 * N * tokens FLOPs (vs 6 for full FT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+BENCH = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8,
+             num_heads=8, num_kv_heads=4, seq_len=512, batch_size=4)
+IMPLS = ("full", "lora", "dora", "qlora", "hf_peft_lora")
+RANK = 16
+if os.environ.get("BENCH_PEFT_SMOKE"):  # a seconds-long run of every code path
+  BENCH.update(num_layers=2, seq_len=64, batch_size=2, vocab_size=512)
+
+
+def _peak_rss_mb():
+  import resource  # pylint: disable=g-import-not-at-top
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _nbytes(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+def run_ftjax(method: str, steps: int):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ftjax import objectives, peft  # pylint: disable=g-import-not-at-top
+  from ftjax.models import Decoder, ModelConfig  # pylint: disable=g-import-not-at-top
+  from ftjax.train.optim import make_optimizer  # pylint: disable=g-import-not-at-top
+  from ftjax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
+  b = BENCH
+  cfg = ModelConfig(**{k: v for k, v in b.items() if k not in ("seq_len", "batch_size")},
+                    norm_eps=1e-6)
+  params = nn.unbox(Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  linear_fp32 = sum(_nbytes(d["kernel"]) for _, d in peft.tree.linear_dicts(params))
+  pc = ml_collections.ConfigDict(dict(method="none" if method == "full" else method, r=RANK,
+                                      alpha=2.0 * RANK))
+  cfg = peft.apply_peft(cfg, pc)
+  model = Decoder(cfg)
+  params = peft.init_adapters(params, model, jax.random.key(1), jnp.zeros((1, 8), jnp.int32))
+  linear_bytes = sum(_nbytes({k: v for k, v in d.items() if k.startswith("kernel")})
+                     for _, d in peft.tree.linear_dicts(params))
+  weights = _nbytes(params)
+  trainable, frozen = peft.split_trainable(params, peft.trainable_mask(params, pc))
+  del params
+  tx, sched = make_optimizer(ml_collections.ConfigDict(
+      dict(lr=1e-4, weight_decay=0.0, schedule="constant", grad_clip_norm=1.0)), 100)
+  step = jax.jit(make_train_step(model, objectives.get("sft"), ml_collections.ConfigDict(),
+                                 tx, sched), donate_argnums=(0,))
+  rng = np.random.default_rng(0)
+  toks = rng.integers(0, b["vocab_size"], (1, b["batch_size"], b["seq_len"] + 1)).astype(np.int32)
+  batch = {"tokens": jnp.asarray(toks[..., :-1]), "targets": jnp.asarray(toks[..., 1:]),
+           "loss_mask": jnp.ones(toks[..., 1:].shape, jnp.float32)}
+  state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.int32(0),
+           "rng": jax.random.key(1)}
+  n_train = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
+  t0 = time.perf_counter()
+  state, m = step(state, frozen, batch)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, m = step(state, frozen, batch)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  return dict(step_s=statistics.median(times), compile_s=compile_s, peak_rss_mb=_peak_rss_mb(),
+              loss=float(m["train_loss"][0]), trainable=int(n_train), weights_mb=weights / 2**20,
+              linear_base_frac=linear_bytes / linear_fp32)
+
+
+def run_hf_peft(steps: int):
+  import peft  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count())
+  b = BENCH
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=b["vocab_size"], hidden_size=b["hidden_size"],
+      intermediate_size=b["intermediate_size"], num_hidden_layers=b["num_layers"],
+      num_attention_heads=b["num_heads"], num_key_value_heads=b["num_kv_heads"],
+      max_position_embeddings=2048, rms_norm_eps=1e-6, attn_implementation="sdpa")
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(hf_cfg)
+  model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=2 * RANK,
+                                                     target_modules="all-linear")).train()
+  params = [p for p in model.parameters() if p.requires_grad]
+  opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+  g = torch.Generator().manual_seed(0)
+  toks = torch.randint(0, b["vocab_size"], (b["batch_size"], b["seq_len"]), generator=g)
+
+  def one():
+    out = model(input_ids=toks, labels=toks)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out.loss
+  t0 = time.perf_counter()
+  one()
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    loss = one()
+    times.append(time.perf_counter() - t0)
+  weights = sum(p.numel() * p.element_size() for p in model.parameters())
+  return dict(step_s=statistics.median(times), compile_s=first, peak_rss_mb=_peak_rss_mb(),
+              loss=float(loss), trainable=int(sum(p.numel() for p in params)),
+              weights_mb=weights / 2**20, linear_base_frac=1.0)
+
+
+def _child(impl: str, steps: int):
+  res = run_hf_peft(steps) if impl == "hf_peft_lora" else run_ftjax(impl, steps)
+  print("RESULT " + json.dumps(res), flush=True)
+
+
+def _spawn(impl: str, steps: int) -> dict:
+  out = subprocess.run([sys.executable, __file__, "--child", impl, "--steps", str(steps)],
+                       capture_output=True, text=True, check=False)
+  for line in out.stdout.splitlines():
+    if line.startswith("RESULT "):
+      return json.loads(line[7:])
+  raise RuntimeError(f"{impl} benchmark failed:\n{out.stderr[-3000:]}")
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--steps", type=int, default=2)
+  ap.add_argument("--impls", default=",".join(IMPLS))
+  ap.add_argument("--out", default="bench_out/peft.json")
+  ap.add_argument("--child", default=None)
+  args = ap.parse_args()
+  if args.child:
+    return _child(args.child, args.steps)
+  impls = [i for i in args.impls.split(",") if i]
+  rows = {i: [] for i in impls}
+  for r in range(args.rounds):
+    order = impls[r % len(impls):] + impls[:r % len(impls)]  # rotate: no fixed position bias
+    for impl in order:
+      rows[impl].append(_spawn(impl, args.steps))
+      print(f"round {r} {impl}: {rows[impl][-1]['step_s']:.2f} s/step", flush=True)
+  tokens = BENCH["batch_size"] * BENCH["seq_len"]
+  result = {"bench": BENCH, "rank": RANK, "rounds": args.rounds, "steps": args.steps,
+            "impls": {}}
+  print(f"{'impl':<14}{'tokens/s':>10}{'step s':>9}{'compile s':>11}{'peak MB':>9}"
+        f"{'weights MB':>12}{'trainable':>12}{'linear base %':>15}")
+  for impl, rs in rows.items():
+    step_s = statistics.median(r["step_s"] for r in rs)
+    rec = dict(tokens_per_s=tokens / step_s, step_s=step_s,
+               compile_s=statistics.median(r["compile_s"] for r in rs),
+               peak_rss_mb=statistics.median(r["peak_rss_mb"] for r in rs),
+               weights_mb=rs[0]["weights_mb"], trainable=rs[0]["trainable"],
+               linear_base_frac=rs[0]["linear_base_frac"], runs=rs)
+    result["impls"][impl] = rec
+    print(f"{impl:<14}{rec['tokens_per_s']:>10.0f}{step_s:>9.2f}{rec['compile_s']:>11.1f}"
+          f"{rec['peak_rss_mb']:>9.0f}{rec['weights_mb']:>12.1f}{rec['trainable']:>12,}"
+          f"{100 * rec['linear_base_frac']:>14.1f}%")
+  got = result["impls"]
+  if "lora" in got and "hf_peft_lora" in got:
+    result["lora_vs_hf_peft"] = got["lora"]["tokens_per_s"] / got["hf_peft_lora"]["tokens_per_s"]
+    print(f"ftjax LoRA / HF PEFT LoRA tokens/s: {result['lora_vs_hf_peft']:.2f}x (goal >= 1.5x)")
+  if "lora" in got and "full" in got:
+    result["lora_vs_full_peak_mem"] = got["lora"]["peak_rss_mb"] / got["full"]["peak_rss_mb"]
+    print(f"ftjax LoRA / full FT peak RSS: {result['lora_vs_full_peak_mem']:.0%}")
+  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
