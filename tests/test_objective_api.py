@@ -38,15 +38,17 @@ def test_toy_loss_trains_through_the_loop(tmp_path):
   c.train.update(dict(batch_size=8, log_every=1))
   c.eval.update(dict(every=0))
   c.checkpoint.async_save = False
+  # reference log-probs precomputed once by the loop and cached in the workdir
   c.objective = ml_collections.ConfigDict(dict(name="dpo_margin", beta=0.5, margin=1.0,
-                                               reference="copy"))
+                                               reference="precomputed"))
   wd = str(tmp_path / "run")
   train.run(c, wd)
   with open(os.path.join(wd, "metrics.jsonl")) as f:
     rows = [json.loads(l) for l in f if l.strip()]
   losses = [r["train_loss"] for r in rows if "train_loss" in r]
   assert len(losses) == 4 and all(np.isfinite(losses))
-  # step 1: policy == reference, so the loss is -log σ(-m) exactly
+  assert os.path.exists(os.path.join(wd, "reference_logps_train.npz"))
+  # step 1: policy == (cached) reference, so the loss is -log σ(-m) exactly
   np.testing.assert_allclose(losses[0], -np.log(1 / (1 + np.exp(1.0))), rtol=1e-5)
   assert losses[-1] < losses[0]
   assert "rewards/accuracies" in rows[-1]

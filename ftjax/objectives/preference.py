@@ -265,5 +265,56 @@ def attach_reference(batch: dict, table: Dict[str, np.ndarray]) -> dict:
   return out
 
 
+class CachedReference:
+  """A data iterator whose batches get the cached reference columns (by example_id)."""
+
+  def __init__(self, it, table: Dict[str, np.ndarray]):
+    self._it, self._table = it, table
+    self.stats = getattr(it, "stats", {})
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return attach_reference(next(self._it), self._table)
+
+  def get_state(self):
+    return self._it.get_state()
+
+  def set_state(self, state):
+    self._it.set_state(state)
+
+
+def reference_cache_wrapper(config, workdir: str, model, ref_params, tokenizer, make_iter=None):
+  """`wrap(it, split)` for the train loop: with config.objective.reference == 'precomputed',
+  reference log-probs of every example of `split` are computed once with `ref_params` (one
+  unshuffled epoch of full global batches; every process computes the whole table, so any row
+  slice finds its entries), cached in `workdir/reference_logps_<split>.npz` (reused on resume)
+  and attached to `it`'s batches by example_id. Otherwise `wrap` returns `it` unchanged.
+  """
+  if config.objective.get("reference") != "precomputed":
+    return lambda it, split: it
+  kind = "kto" if config.data.get("kind") == "kto" else "paired"
+  tables: Dict[str, Dict[str, np.ndarray]] = {}
+  if make_iter is None:
+    def make_iter(split):
+      from ftjax.data.preference import build_preference_iterator  # pylint: disable=g-import-not-at-top
+      return build_preference_iterator(
+          config.data, tokenizer, split=split, global_batch_size=int(config.train.batch_size),
+          seq_len=int(config.train.seq_len), seed=0, num_epochs=1)
+
+  def wrap(it, split):
+    if split not in tables:
+      path = os.path.join(workdir, f"reference_logps_{split}.npz")
+      if os.path.exists(path):
+        tables[split] = load_reference(path)
+      else:
+        tables[split] = precompute_reference(model, ref_params, make_iter(split), kind=kind)
+        if jax.process_index() == 0:
+          save_reference(path, tables[split])
+    return CachedReference(it, tables[split])
+  return wrap
+
+
 # Built-in preference losses register themselves on import.
 from ftjax.objectives import dpo, kto, orpo, reward, simpo  # noqa: E402,F401  pylint: disable=g-import-not-at-top,wrong-import-position

@@ -140,6 +140,10 @@ def run(config, workdir: str) -> Dict[str, Any]:
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
     it = _data_iter(config, tokenizer, "train", tc.batch_size, int(config.get("seed", 0)))
+    from ftjax.objectives.preference import reference_cache_wrapper  # pylint: disable=g-import-not-at-top
+    wrap = reference_cache_wrapper(config, workdir, model, merge_params(trainable, frozen),
+                                   tokenizer)  # objective.reference='precomputed' only
+    it = wrap(it, "train")
     start = 0
     if ckpt.latest_step() is not None:
       start = ckpt.latest_step()
@@ -174,7 +178,7 @@ def run(config, workdir: str) -> Dict[str, Any]:
       if ec.get("batches", 0):
         out.update(evaluate.eval_loss(
             jeval, params, frozen_,
-            lambda: _data_iter(config, tokenizer, "eval", eval_batch, 0, epochs=1),
+            lambda: wrap(_data_iter(config, tokenizer, "eval", eval_batch, 0, epochs=1), "eval"),
             put_eval, int(ec.batches), ref))
       if gen_examples:
         out.update(evaluate.exact_match(model, params, frozen_, tokenizer, gen_examples,
