@@ -49,6 +49,13 @@ def _segments(batch):
   return out
 
 
+def test_load_tokenizer_pad_fallback_and_missing_dir(tmp_path):
+  t = data.load_tokenizer(testing.make_tokenizer(str(tmp_path / "nopad"), pad=False))
+  assert t.pad_token_id == t.eos_token_id == 2
+  with pytest.raises(FileNotFoundError, match="config.data.tokenizer: .*missing"):
+    data.load_tokenizer(str(tmp_path / "missing"))
+
+
 def test_sft_text_masks(tok):
   ids, mask = data.encode_example(tok, {"prompt": "1+1=", "completion": "2"}, "x")
   assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id

@@ -14,8 +14,10 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'][0] }}:{{ m[
                  "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}a:{% endif %}")
 
 
-def make_tokenizer(path: str, chat_template: str = CHAT_TEMPLATE) -> str:
-  """Saves a PreTrainedTokenizerFast to `path`: <pad>=0 <bos>=1 <eos>=2 <unk>=3, then chars."""
+def make_tokenizer(path: str, chat_template: str = CHAT_TEMPLATE, pad: bool = True) -> str:
+  """Saves a PreTrainedTokenizerFast to `path`: <pad>=0 <bos>=1 <eos>=2 <unk>=3, then chars.
+
+  pad=False leaves the pad token unset (as in many base-model tokenizers)."""
   from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
   from transformers import PreTrainedTokenizerFast  # pylint: disable=g-import-not-at-top
   chars = [c for c in string.printable if c not in "\x0b\x0c"]
@@ -23,8 +25,8 @@ def make_tokenizer(path: str, chat_template: str = CHAT_TEMPLATE) -> str:
   tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
   tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
   tk.decoder = decoders.Fuse()  # chars join without spaces
-  fast = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>",
-                                 eos_token="<eos>", unk_token="<unk>")
+  fast = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>" if pad else None,
+                                 bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
   fast.chat_template = chat_template
   os.makedirs(path, exist_ok=True)
   fast.save_pretrained(path)
