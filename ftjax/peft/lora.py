@@ -9,6 +9,7 @@ Shapes (per layer; nn.scan adds a leading [L] to every param):
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 
@@ -48,8 +49,8 @@ def _kaiming_uniform_a_sqrt5(key, shape, dtype):
   return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
 
 
-def _nf4_base(module, spec, in_f, out_f, dtype):
-  """Declares the quantised kernel (init = quantised random init) and returns it dequantised."""
+def _nf4_base(module, spec, in_f, out_f):
+  """Declares the quantised kernel leaves (init = a quantised random init) and the bias."""
   nf4.check_shape(in_f, spec.block_size, f"{hf_name(tuple(module.scope.path), None)} "
                   f"(config.peft.quantize='nf4')")
   in_ax, out_ax = module.axes
@@ -73,7 +74,25 @@ def _nf4_base(module, spec, in_f, out_f, dtype):
   if module.use_bias:
     bias = module.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (out_ax,)),
                         (out_f,), module.cfg.weight_dtype)
-  return nf4.dequantize(leaves, spec.block_size, dtype), bias
+  return leaves, bias
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2, 3))
+def _nf4_dot(x, leaves, block, dtype):
+  # Rematerialised: the backward pass re-dequantises from the 4-bit leaves instead of keeping a
+  # full-precision copy of every layer's kernel as a scan residual.
+  return jnp.dot(x, nf4.dequantize(leaves, block, dtype))
+
+
+def _base(module, spec, in_f, out_f, dtype):
+  """(matmul(x) -> x @ W, kernel() -> W, bias) for a plain or an NF4 base kernel."""
+  if spec is not None and spec.quantize == "nf4":
+    leaves, bias = _nf4_base(module, spec, in_f, out_f)
+    return (lambda v: _nf4_dot(v, leaves, spec.block_size, dtype),
+            lambda: nf4.dequantize(leaves, spec.block_size, dtype), bias)
+  kernel, bias = module.base_params(in_f)
+  kernel = kernel.astype(dtype)
+  return (lambda v: jnp.dot(v, kernel)), (lambda: kernel), bias
 
 
 def _dropout(module, x, rate):
@@ -95,52 +114,42 @@ def _declare_adapter(module, spec, rank, kernel, in_f, out_f):
   m = None
   if spec.use_dora:  # ||W|| over the input dim per output (B = 0 at init, so W + s*AB = W)
     m = module.param("lora_magnitude", nn.with_logical_partitioning(
-        lambda *_: jnp.linalg.norm(kernel.astype(jnp.float32), axis=0).astype(wdt), (out_ax,)))
+        lambda *_: jnp.linalg.norm(kernel().astype(jnp.float32), axis=0).astype(wdt), (out_ax,)))
   return a, b, m
 
 
 def adapt_linear(module, x: jax.Array, in_f: int, out_f: int, dtype) -> jax.Array:
   """y = x @ W (+ b), plus the adapter's contribution when this module is targeted."""
   spec = getattr(module.cfg, "peft", None)
-  if spec is None:
-    kernel, bias = module.base_params(in_f)
-    kernel = kernel.astype(dtype)
-  elif spec.quantize == "nf4":
-    kernel, bias = _nf4_base(module, spec, in_f, out_f, dtype)
-  else:
-    kernel, bias = module.base_params(in_f)
-    kernel = kernel.astype(dtype)
+  matmul, kernel, bias = _base(module, spec, in_f, out_f, dtype)
+  add_bias = lambda y: y if bias is None else y + bias.astype(dtype)
   x = x.astype(dtype)
   path = tuple(module.scope.path)
   target = None if spec is None else resolve(spec, path, module.cfg.num_layers)
   if target is None:
-    y = jnp.dot(x, kernel)
-    return y if bias is None else y + bias.astype(dtype)
+    return add_bias(matmul(x))
   rank, alpha = target
   if rank > min(in_f, out_f):
     raise ValueError(f"config.peft.r / rank_pattern: rank {rank} > min(in, out) = "
                      f"{min(in_f, out_f)} for {hf_name(path, None)} [{in_f}, {out_f}]")
   a, b, m = _declare_adapter(module, spec, rank, kernel, in_f, out_f)
   if adapters_are_disabled():
-    y = jnp.dot(x, kernel)
-    return y if bias is None else y + bias.astype(dtype)
+    return add_bias(matmul(x))
   s = scaling(spec, rank, alpha)
   xd = _dropout(module, x, spec.dropout)
   lora = jnp.dot(jnp.dot(xd, a.astype(dtype)), b.astype(dtype)) * jnp.asarray(s, dtype)
-  base = jnp.dot(x, kernel)
+  base = matmul(x)
   if m is None:
-    y = base + lora
-  else:
-    y = _dora(x, xd, kernel, base, lora, a, b, m, s, dtype)
-  return y if bias is None else y + bias.astype(dtype)
+    return add_bias(base + lora)
+  return add_bias(_dora(x, xd, matmul, kernel, base, lora, a, b, m, s, dtype))
 
 
-def _dora(x, xd, kernel, base, lora, a, b, m, s, dtype):
+def _dora(x, xd, matmul, kernel, base, lora, a, b, m, s, dtype):
   """PEFT's DoRA: m / ||W + s*A@B||_in (norm detached) rescales base and LoRA outputs."""
-  w = kernel.astype(jnp.float32) + s * jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))
+  w = kernel().astype(jnp.float32) + s * jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))
   norm = jax.lax.stop_gradient(jnp.linalg.norm(w, axis=0))  # [out], float32
   mag_scale = (m.astype(jnp.float32) / norm).astype(dtype)
   if xd is x:
     return mag_scale * (base + lora)
   # With dropout PEFT rescales the base path of the dropped-out input (dora.py: base_result=None).
-  return base + (mag_scale - 1) * jnp.dot(xd, kernel) + mag_scale * lora
+  return base + (mag_scale - 1) * matmul(xd) + mag_scale * lora
