@@ -7,7 +7,7 @@ Starts from the SFT run's latest checkpoint (config.init_from) with the same mod
 reference is a frozen copy of those weights (objective.reference='copy'; 'precomputed' caches
 reference log-probs, 'none' is reference-free). 150 steps x 16 pairs x 32 tokens ~ 2,400 pairs
 (half an epoch of the 5k-pair split). Eval reports held-out rewards/accuracies on 128 unseen
-pairs. Variants: --config.objective.loss_type=ipo (any TRL DPO loss type), ...beta=0.3,
+pairs and greedy exact match (answer = the chosen completion) on 200 held-out prompts. Variants: --config.objective.loss_type=ipo (any TRL DPO loss type), ...beta=0.3,
 ...rpo_alpha=1.0, or --config configs/simpo_tiny.py / orpo_tiny.py / kto_tiny.py.
 """
 
@@ -43,9 +43,9 @@ def preference_config(a, objective: dict, kind: str = "preference"):
   c.train.update(dict(steps=a.steps, batch_size=16, seq_len=32, log_every=10))
   c.optim.update(dict(lr=a.lr, warmup_steps=10, schedule="cosine", weight_decay=0.0))
   c.eval.update(dict(every=max(a.steps // 3, 1), batches=8, batch_size=16,
-                     exact_match_examples=0))
+                     exact_match_examples=200, max_new_tokens=5))
   if kind == "kto":
-    c.eval.every = 0  # the shipped task has no unpaired held-out split
+    c.eval.update(dict(every=0, exact_match_examples=0))  # no unpaired held-out split
   c.checkpoint.update(dict(every=0, keep=1))
   return c
 

@@ -21,4 +21,5 @@ def get_config(arg=None):
   c = dpo.preference_config(a, dict(name="reward", center_rewards_coefficient=0.0,
                                     use_margin=True))
   c.model.head = "reward"
+  c.eval.exact_match_examples = 0  # a reward model does not generate
   return c

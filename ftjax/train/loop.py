@@ -169,9 +169,11 @@ def run(config, workdir: str) -> Dict[str, Any]:
     ec = config.eval
     eval_batch = int(ec.get("batch_size", tc.batch_size))
     gen_examples = []
-    if ec.get("exact_match_examples", 0) and config.data.get("kind", "sft") == "sft":
-      gen_examples = evaluate.sample_examples(data.load_examples(config.data, "eval"),
-                                              int(ec.exact_match_examples))
+    if ec.get("exact_match_examples", 0) and config.data.get("kind", "sft") != "kto":
+      rows = data.load_examples(config.data, "eval")
+      if config.data.get("kind", "sft") == "preference":  # the answer is the chosen completion
+        rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+      gen_examples = evaluate.sample_examples(rows, int(ec.exact_match_examples))
 
     def run_eval(params, frozen_):
       out = {}
