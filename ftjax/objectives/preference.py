@@ -84,8 +84,9 @@ def sequence_stats(model, params, rows, *, with_logits: bool = True) -> Dict[str
   """One forward over rows [N, T] -> per-sequence stats (float32).
 
   Returns logps [N] (summed completion log-probs), counts [N] (completion tokens),
-  token_logps [N, T], mask [N, T] (completion targets), valid [N, T] (all real targets), and (with_logits) logits_sum [N]: the sum over completion
-  tokens of the vocab-mean logit (TRL's `mean_logits`, no gradient), and correct [N, T].
+  token_logps [N, T], mask [N, T] (completion targets), valid [N, T] (all real targets), and
+  with_logits: logits_sum [N], the sum over completion tokens of the vocab-mean logit (TRL's
+  `mean_logits`, no gradient), and correct [N, T] (argmax == target).
   """
   logits = forward(model, params, rows)
   logp, correct = token_logps(logits, rows["targets"])
