@@ -52,3 +52,19 @@ def test_toy_loss_trains_through_the_loop(tmp_path):
   np.testing.assert_allclose(losses[0], -np.log(1 / (1 + np.exp(1.0))), rtol=1e-5)
   assert losses[-1] < losses[0]
   assert "rewards/accuracies" in rows[-1]
+
+
+def test_shipped_preference_configs_resolve():
+  import importlib.util
+  from ftjax import objectives
+  from ftjax.models import from_config_dict
+  kinds = {"dpo": "preference", "simpo": "preference", "orpo": "preference", "kto": "kto",
+           "reward": "preference"}
+  for name, kind in kinds.items():
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}_tiny.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_tiny_cfg", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    assert objectives.get(c.objective.name) and c.data.kind == kind and c.init_from
+    assert from_config_dict(c.model).head == ("reward" if name == "reward" else "lm")
