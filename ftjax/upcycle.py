@@ -56,7 +56,7 @@ def upcycle_params(params, cfg: ModelConfig, num_experts: int, top_k: int, *, se
   """Dense params (raw or boxed) of `Decoder(cfg)` -> (MoE params, MoE config).
 
   layers/mlp/{gate,up,down}_proj/kernel [L, D, F] / [L, F, D] become
-  layers/mlp/experts/{gate,up,down}_proj [L, E, D, F] / [L, E, F, D] and a router
+  layers/mlp/experts/{gate,up,down}_proj/kernel [L, E, D, F] / [L, E, F, D] and a router
   layers/mlp/gate/kernel [L, D, E] ~ N(0, router_std) is added. Other params are shared.
   """
   moe_cfg = upcycle_config(cfg, num_experts, top_k, **moe_kw)
@@ -72,7 +72,7 @@ def upcycle_params(params, cfg: ModelConfig, num_experts: int, top_k: int, *, se
   router = router_std * jax.random.normal(jax.random.key(seed), (num_layers, d, num_experts),
                                           jnp.float32)
   new_mlp = {"gate": {"kernel": router.astype(dense["gate_proj"].dtype)},
-             "experts": {p: stack(w) for p, w in dense.items()}}
+             "experts": {p: {"kernel": stack(w)} for p, w in dense.items()}}
   layers = dict(params["layers"], mlp=new_mlp)
   return dict(params, layers=layers), moe_cfg
 

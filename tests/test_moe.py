@@ -51,8 +51,8 @@ def test_param_layout_and_shared_expert():
   tok = jnp.ones((2, 8), jnp.int32)
   shapes = jax.eval_shape(lambda: nn.unbox(Decoder(cfg).init(jax.random.key(0), tok)))
   mlp = jax.tree_util.tree_map(lambda x: x.shape, shapes["params"]["layers"]["mlp"])
-  assert mlp["experts"]["gate_proj"] == (2, 4, 32, 16)
-  assert mlp["experts"]["down_proj"] == (2, 4, 16, 32)
+  assert mlp["experts"]["gate_proj"]["kernel"] == (2, 4, 32, 16)
+  assert mlp["experts"]["down_proj"]["kernel"] == (2, 4, 16, 32)
   assert mlp["gate"]["kernel"] == (2, 32, 4)
   assert mlp["e_score_correction_bias"] == (2, 4)
   assert mlp["shared_expert"]["gate_proj"]["kernel"] == (2, 32, 24)
@@ -191,8 +191,8 @@ for dispatch in ("dropless", "capacity"):
   shardings = shd.logical_shardings(jax.eval_shape(init, jax.random.key(1)), mesh, rules)
   with mesh, nn.logical_axis_rules(rules):
     params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(jax.random.key(1))
-    spec = params["layers"]["mlp"]["experts"]["gate_proj"].sharding.spec
-    devices = len(params["layers"]["mlp"]["experts"]["gate_proj"].sharding.device_set)
+    spec = params["layers"]["mlp"]["experts"]["gate_proj"]["kernel"].sharding.spec
+    devices = len(params["layers"]["mlp"]["experts"]["gate_proj"]["kernel"].sharding.device_set)
     logits = jax.jit(fwd)(params, tok)
   out[dispatch] = dict(diff=float(np.abs(np.asarray(logits) - np.asarray(ref)).max()),
                        spec=str(spec), devices=devices)

@@ -49,8 +49,8 @@ def test_parity_and_v5_roundtrip(family, tmp_path):
   assert "model.layers.0.mlp.experts.gate_up_proj" in _names(out)
   _parity(out)
   _, back = hf.load_hf(out)
-  np.testing.assert_array_equal(np.asarray(back["layers"]["mlp"]["experts"]["up_proj"]),
-                                np.asarray(params["layers"]["mlp"]["experts"]["up_proj"]))
+  np.testing.assert_array_equal(np.asarray(back["layers"]["mlp"]["experts"]["up_proj"]["kernel"]),
+                                np.asarray(params["layers"]["mlp"]["experts"]["up_proj"]["kernel"]))
 
 
 def test_v5_fused_file_from_transformers_state_dict(tmp_path):

@@ -20,7 +20,7 @@ def test_upcycled_logits_equal_dense_logits():
   dense = Decoder(cfg).apply({"params": params}, tok, segment_ids=seg)
   moe_params, moe_cfg = upcycle_params(params, cfg, num_experts=4, top_k=2, router_std=1.0)
   assert moe_cfg.family == "mixtral" and moe_cfg.moe_norm_topk_prob
-  assert moe_params["layers"]["mlp"]["experts"]["gate_proj"].shape == (2, 4, 32, 48)
+  assert moe_params["layers"]["mlp"]["experts"]["gate_proj"]["kernel"].shape == (2, 4, 32, 48)
   valid = np.asarray(seg, bool)
   for dispatch in ("dropless", "capacity"):
     c = moe_cfg.replace(moe_dispatch=dispatch, moe_capacity_factor=2.0)

@@ -149,14 +149,15 @@ def moe_table(cfg: ModelConfig, names=None):
                          "linear"))
     for ours, mx, qw in _V4:
       rules.append(hw.Rule(f"model.layers.{{i}}.{block}.experts.{{e}}.{mx if mixtral else qw}"
-                           ".weight", (mlp + ("experts", ours),), "linear"))
+                           ".weight", (mlp + ("experts", ours, "kernel"),), "linear"))
   else:  # transformers v5: experts fused and stacked per layer
     rules += [
         hw.Rule("model.layers.{i}.mlp.gate.weight", (mlp + ("gate", "kernel"),), "linear"),
         hw.Rule("model.layers.{i}.mlp.experts.gate_up_proj",
-                (mlp + ("experts", "gate_proj"), mlp + ("experts", "up_proj")), "expert_linear"),
-        hw.Rule("model.layers.{i}.mlp.experts.down_proj", (mlp + ("experts", "down_proj"),),
+                (mlp + ("experts", "gate_proj", "kernel"), mlp + ("experts", "up_proj", "kernel")),
                 "expert_linear"),
+        hw.Rule("model.layers.{i}.mlp.experts.down_proj",
+                (mlp + ("experts", "down_proj", "kernel"),), "expert_linear"),
     ]
   if cfg.moe_shared_intermediate_size:
     for p in ("gate_proj", "up_proj", "down_proj"):

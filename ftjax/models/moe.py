@@ -3,8 +3,9 @@
 Parameters (inside the scanned decoder each gets a leading [L] 'layers' axis):
   gate/kernel                      [D, E]     router, applied in float32
   gate/e_score_correction_bias     [E]        sigmoid_bias router only (selection bias)
-  experts/{gate_proj,up_proj}      [E, D, F]  logical ('expert', 'embed', 'mlp')
-  experts/down_proj                [E, F, D]  logical ('expert', 'mlp', 'embed')
+  experts/{gate_proj,up_proj}/kernel  [E, D, F]  logical ('expert', 'embed', 'mlp')
+  experts/down_proj/kernel            [E, F, D]  logical ('expert', 'mlp', 'embed')
+  (+ experts/*/lora_A [E, in, r], lora_B [E, r, out] when LoRA targets them)
   shared_expert/{gate,up,down}_proj, shared_expert_gate/kernel [D, 1]   (Qwen2-MoE, optional)
 
 Two dispatch paths with identical outputs when no token is dropped:
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -163,20 +164,61 @@ def dispatch_capacity(x, idx, w, wg, wu, wd, act, valid, cap: int):
 # ----------------------------------------------------------------------------- layer
 
 
+class ExpertWeight(nn.Module):
+  """One stacked expert projection: kernel [E, in, out] (+ per-expert LoRA when targeted).
+
+  Laid out like a Linear (a dict holding 'kernel', plus lora_A [E, in, r] / lora_B [E, r, out])
+  so ftjax.peft's targeting (`target_modules` matches model.layers.N.mlp.experts.gate_proj),
+  trainable mask and merge treat it as one; the adapter is folded into the weight,
+  W_e + s * A_e @ B_e, which both dispatch paths then use unchanged.
+  """
+  cfg: ModelConfig
+  shape: Tuple[int, int, int]
+  axes: Tuple[str, str, str]
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    cfg = self.cfg
+    w = self.param("kernel", nn.with_logical_partitioning(_INIT, self.axes), self.shape,
+                   cfg.weight_dtype)
+    spec = getattr(cfg, "peft", None)
+    target = None
+    if spec is not None:
+      from ftjax.peft import lora, spec as spec_lib  # pylint: disable=g-import-not-at-top
+      target = spec_lib.resolve(spec, tuple(self.scope.path), cfg.num_layers)
+    if target is None:
+      return w.astype(cfg.compute_dtype)
+    if spec.use_dora or spec.quantize:
+      raise ValueError("config.peft: DoRA / NF4 are not supported on MoE expert weights; "
+                       "exclude 'experts' from target_modules")
+    rank, alpha = target
+    e, n_in, n_out = self.shape
+    bound = 1.0 / math.sqrt(n_in)  # PEFT's kaiming_uniform(a=sqrt(5)) per expert
+    a = self.param("lora_A", nn.with_logical_partitioning(
+        lambda k, s, d: jax.random.uniform(k, s, jnp.float32, -bound, bound).astype(d),
+        (self.axes[0], self.axes[1], "lora_rank")), (e, n_in, rank), cfg.weight_dtype)
+    b = self.param("lora_B", nn.with_logical_partitioning(
+        nn.initializers.zeros, (self.axes[0], "lora_rank", self.axes[2])), (e, rank, n_out),
+                   cfg.weight_dtype)
+    if lora.adapters_are_disabled():
+      return w.astype(cfg.compute_dtype)
+    delta = jnp.einsum("eir,ero->eio", a.astype(jnp.float32), b.astype(jnp.float32))
+    s = spec_lib.scaling(spec, rank, alpha)
+    return (w.astype(jnp.float32) + s * delta).astype(cfg.compute_dtype)
+
+
 class Experts(nn.Module):
-  """E stacked SwiGLU experts; returns the three weights in the compute dtype."""
+  """E stacked SwiGLU experts; returns the three weights [E, D, F], [E, D, F], [E, F, D]."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, d: int):
     cfg = self.cfg
     e, f = cfg.num_experts, cfg.moe_intermediate_size or cfg.intermediate_size
-    mk = lambda name, shape, axes: self.param(
-        name, nn.with_logical_partitioning(_INIT, axes), shape, cfg.weight_dtype)
-    wg = mk("gate_proj", (e, d, f), ("expert", "embed", "mlp"))
-    wu = mk("up_proj", (e, d, f), ("expert", "embed", "mlp"))
-    wd = mk("down_proj", (e, f, d), ("expert", "mlp", "embed"))
-    return tuple(p.astype(cfg.compute_dtype) for p in (wg, wu, wd))
+    wg = ExpertWeight(cfg, (e, d, f), ("expert", "embed", "mlp"), name="gate_proj")()
+    wu = ExpertWeight(cfg, (e, d, f), ("expert", "embed", "mlp"), name="up_proj")()
+    wd = ExpertWeight(cfg, (e, f, d), ("expert", "mlp", "embed"), name="down_proj")()
+    return wg, wu, wd
 
 
 class MoEBlock(nn.Module):
