@@ -7,7 +7,9 @@ Public API (used by the train loop, eval and the preference pipeline):
   load_examples(data_cfg, split)      raw rows (eval generation)
   encode_prompt(tok, example)         prompt ids exactly as they precede the completion
 Helpers for other pipelines: io.read_rows / io.DataError, tokenize.encode_example /
-apply_length_policy, pipeline.mixed_source / pack_rows / pad_rows / SlicingIterator.
+encode_many / apply_length_policy, sources.sources / encode_source, pipeline.mixed_ids /
+mixed_source / pack_examples / pack_rows / pad_rows / shift_targets / SlicingIterator.
+Test helpers (tiny offline tokenizer with a chat template, JSONL writer): ftjax.data.testing.
 """
 
 from __future__ import annotations

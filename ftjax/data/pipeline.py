@@ -1,5 +1,5 @@
-"""grain pipeline: seeded shuffle/repeat/mix of encoded examples -> packed or padded rows ->
-global batches -> this process's rows.
+"""grain pipeline: seeded shuffle/repeat/mix of example ids -> first-fit packed (or padded)
+rows -> global batches -> this process's rows.
 
 Multi-host determinism: every process builds the SAME seeded global pipeline (cheap at our
 data sizes: examples are tokenised once, in memory) and keeps rows
