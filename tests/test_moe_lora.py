@@ -43,3 +43,7 @@ def test_lora_on_experts_and_router_merges_exactly():
   mask = peft.trainable_mask(params, pc)
   assert mask["layers"]["mlp"]["experts"]["gate_proj"]["lora_A"]
   assert not mask["layers"]["mlp"]["experts"]["gate_proj"]["kernel"]
+  # PEFT has no adapter format for stacked expert / router LoRA here: one clear error.
+  import pytest  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="export a merged model"):
+    peft.export_adapter(params, full, "/nonexistent/never_written")

@@ -90,11 +90,12 @@ def _load_config(name: str, arg: str):
   return mod.get_config(arg)
 
 
-def bench_balance(steps: int):
+def bench_balance(steps: int, dispatch: str):
   from ftjax import train  # pylint: disable=g-import-not-at-top
   rows = []
   for aux in (0.0, 0.01):
-    c = _load_config("moe_tiny", f"steps={steps},aux={aux}")
+    # capacity factor 2: (almost) nothing dropped, so routing is what the router wants.
+    c = _load_config("moe_tiny", f"steps={steps},aux={aux},dispatch={dispatch},capacity_factor=2.0")
     c.eval.update(dict(every=0, exact_match_examples=0))
     c.checkpoint.every = 0
     c.train.log_every = steps
@@ -103,6 +104,7 @@ def bench_balance(steps: int):
     last = summary["last"]
     layers = sorted({k.split("/")[1] for k in last if k.startswith("moe_max_load/")})
     rows.append(dict(aux_coef=aux, train_loss=last["train_loss"], nll=last["loss"],
+                     dropped=last["moe_dropped_frac"],
                      lb_loss=last["moe_lb_loss"],
                      max_load=[last[f"moe_max_load/{l}"] for l in layers],
                      min_load=[last[f"moe_min_load/{l}"] for l in layers]))
@@ -117,6 +119,8 @@ def main(argv=None):
   p.add_argument("--expert_width", type=int, default=256)
   p.add_argument("--iters", type=int, default=10)
   p.add_argument("--steps", type=int, default=150)
+  p.add_argument("--balance_dispatch", default="capacity",
+                 help="dispatch for the balance runs (ragged_dot is slow on CPU, see README)")
   p.add_argument("--out", default="", help="also write the results as JSON here")
   a = p.parse_args(argv)
   out = {"device": str(jax.devices()[0]), "cpu_count": os.cpu_count()}
@@ -128,14 +132,15 @@ def main(argv=None):
     for r in out["block"]:
       print(f"| {r['path']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} |")
   if a.part in ("all", "balance"):
-    out["balance"] = bench_balance(a.steps)
+    out["balance"] = bench_balance(a.steps, a.balance_dispatch)
     print(f"\nExpert load after {a.steps} steps of configs/moe_tiny.py (share x E per layer; 1 = "
           "balanced)")
-    print("| moe_aux_coef | train NLL | lb loss | max load per layer | min load per layer |")
-    print("|---:|---:|---:|---|---|")
+    print("| moe_aux_coef | train NLL | lb loss | dropped | max load per layer | min load per layer |")
+    print("|---:|---:|---:|---:|---|---|")
     for r in out["balance"]:
       fmt = lambda v: " ".join(f"{x:.2f}" for x in v)
-      print(f"| {r['aux_coef']} | {r['nll']:.3f} | {r['lb_loss']:.3f} | {fmt(r['max_load'])} | "
+      print(f"| {r['aux_coef']} | {r['nll']:.3f} | {r['lb_loss']:.3f} | {r['dropped']:.3f} | "
+            f"{fmt(r['max_load'])} | "
             f"{fmt(r['min_load'])} |")
   if a.out:
     with open(a.out, "w") as f:

@@ -51,6 +51,11 @@ def export_adapter(params, model_cfg, out_dir: str,
   if model_cfg.family in _LAYOUT_UNSUPPORTED:
     raise ValueError(f"export_adapter: family {model_cfg.family!r} has fused HF projections; "
                      "export a merged model instead (ftjax export without --adapter)")
+  if getattr(model_cfg, "num_experts", 0) and any(  # MoE engineer: no PEFT format for these
+      "lora_A" in d and ("experts" in p or p[-2:] == ("mlp", "gate"))
+      for p, d in linear_dicts(params)):
+    raise ValueError("export_adapter: LoRA on MoE experts / router has no PEFT adapter format "
+                     "here; export a merged model instead (ftjax export without --adapter)")
   tensors, rank_pattern, alpha_pattern = {}, {}, {}
   for path, d in linear_dicts(params):
     if "lora_A" not in d:
