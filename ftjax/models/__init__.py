@@ -2,3 +2,4 @@
 
 from ftjax.models.config import ModelConfig, from_config_dict
 from ftjax.models.transformer import Decoder
+from ftjax.models.hf import config_from_hf, export_hf, load_hf  # noqa: E402
