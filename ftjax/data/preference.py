@@ -9,8 +9,9 @@ eos, loss on completion tokens only), one sequence per row, right-padded to seq_
 Batches (dicts of numpy arrays; layout documented in ftjax/objectives/preference.py):
   paired: chosen_{tokens,targets,loss_mask,segment_ids,positions}, rejected_{...} [B, T],
           example_id [B] (-1 for padding rows), margin [B] when the data has a 'margin' field.
-  kto:    {tokens,...} [B, T], label [B], kl_{tokens,...} [B, T], example_id [B]. KL row i is
-          prompt i + completion i-1 within the global batch (TRL cycles completions the same way).
+  kto:    {tokens,...} [B, T], label [B], kl_{tokens,...} [B, T], example_id [B]. The KL row of
+          example j is prompt j + the completion of example j-1 of the same source file (a fixed
+          pairing, as TRL's dataset-level cycling, so cached reference KL log-probs stay valid).
 
 Config (config.data): kind 'preference' | 'kto', train / eval source lists as for SFT, truncation
 ('truncate' | 'drop' | 'error'), identical_pairs ('warn': keep and count | 'drop'), shuffle.
@@ -145,6 +146,10 @@ def _encode_source(tok, path, split, kind, *, offset, max_len, policy, identical
       out.append(ex)
   if not out:
     raise DataError(f"{path}: no usable preference examples ({len(rows)} rows, all dropped)")
+  if kind == "kto":  # KL pair: this prompt with the previous example's completion (fixed, as TRL)
+    for i, ex in enumerate(out):
+      prev = out[i - 1]
+      ex["kl_completion"], ex["kl_completion_mask"] = prev["completion"], prev["completion_mask"]
   return out, len(rows)
 
 
@@ -181,16 +186,14 @@ def paired_batch(examples, seq_len: int, pad_id: int) -> Dict[str, np.ndarray]:
 
 
 def kto_batch(examples, seq_len: int, pad_id: int) -> Dict[str, np.ndarray]:
-  """Main rows and KL rows (prompt i + completion i-1) for one global batch."""
+  """Main rows and KL rows (prompt + the previous example's completion) for one global batch."""
   main, kl = [], []
-  n = len(examples)
-  for i, e in enumerate(examples):
-    prev = examples[(i - 1) % n]
+  for e in examples:
     main.append(_pad(np.concatenate([e["prompt"], e["completion"]]),
                      np.concatenate([np.zeros_like(e["prompt"]), e["completion_mask"]]),
                      seq_len, pad_id))
-    kl.append(_pad(np.concatenate([e["prompt"], prev["completion"]]),
-                   np.concatenate([np.zeros_like(e["prompt"]), prev["completion_mask"]]),
+    kl.append(_pad(np.concatenate([e["prompt"], e["kl_completion"]]),
+                   np.concatenate([np.zeros_like(e["prompt"]), e["kl_completion_mask"]]),
                    seq_len, pad_id))
   out = _model_rows(main, pad_id)
   out.update(_model_rows(kl, pad_id, "kl_"))

@@ -17,7 +17,7 @@ Batch layout (from `ftjax.data.preference`; one sequence per row, rows right-pad
   unpaired data (KTO):
     tokens, targets, loss_mask, segment_ids, positions [B, T]; label [B] int32 (1 desirable)
     kl_tokens, kl_targets, kl_loss_mask, kl_segment_ids, kl_positions [B, T]: mismatched pairs,
-      row i = prompt i + completion i-1 (TRL's KTO collator cycles completions the same way)
+      prompt j + completion of example j-1 in its file (TRL cycles completions the same way)
     ref_logps, ref_kl_logps [B] float32 only with objective.reference='precomputed'
 
 Chosen and rejected rows go through the model in ONE forward pass ([2B, T] concatenated on the
