@@ -38,6 +38,7 @@ def test_toy_loss_trains_through_the_loop(tmp_path):
   c.train.update(dict(batch_size=8, log_every=1))
   c.eval.update(dict(every=0))
   c.checkpoint.async_save = False
+  c.data.train = c.data.eval  # 500 pairs: a short reference precompute pass
   # reference log-probs precomputed once by the loop and cached in the workdir
   c.objective = ml_collections.ConfigDict(dict(name="dpo_margin", beta=0.5, margin=1.0,
                                                reference="precomputed"))
