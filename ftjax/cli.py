@@ -14,13 +14,14 @@ import sys
 USAGE = __doc__
 
 
-def _flags_for(cmd: str):
+def _flags_for(cmd: str, argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   fv = flags.FlagValues()
   if cmd == "train":
     from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+    # Override flags (--config.a.b=v) are discovered from the argv given here.
     config_flags.DEFINE_config_file("config", None, "experiment config file[:arg]",
-                                    flag_values=fv, lock_config=True)
+                                    flag_values=fv, lock_config=True, sys_argv=argv)
     flags.DEFINE_string("workdir", None, "output / resume directory", flag_values=fv)
     flags.DEFINE_string("coordinator_address", None, "jax.distributed coordinator host:port",
                         flag_values=fv)
@@ -91,9 +92,10 @@ def main(argv=None) -> int:
   if cmd not in handlers:
     print(f"ftjax: error: unknown command {cmd!r} (train | export | upcycle)", file=sys.stderr)
     return 2
-  fv = _flags_for(cmd)
+  args = [f"ftjax {cmd}"] + rest
+  fv = _flags_for(cmd, args)
   try:
-    fv([f"ftjax {cmd}"] + rest)
+    fv(args)
   except Exception as e:  # pylint: disable=broad-except  # absl raises several flag errors
     msg = str(e).strip().splitlines()
     print(f"ftjax: error: {msg[-1] if msg else e}", file=sys.stderr)

@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.peft = ml_collections.ConfigDict(dict(method="none"))
 
-  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+  c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
   c.sharding = ml_collections.ConfigDict()
   c.sharding.rules = ()  # empty -> ftjax.sharding.DEFAULT_RULES
 

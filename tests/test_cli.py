@@ -30,7 +30,7 @@ def test_unknown_config_key(tmp_path):
 
 
 def test_mesh_must_divide_devices(tmp_path):
-  res = _train(tmp_path, "--config.mesh=[('data', 3)]")
+  res = _train(tmp_path, "--config.mesh=(('data', 3),)")
   assert res.returncode == 1
   assert _last_line(res).startswith("ftjax: error: config.mesh")
 

@@ -27,8 +27,10 @@ def _config(steps=8, extra=()):
   from absl import flags
   from ml_collections import config_flags
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True)
-  fv(["x", f"--config={REPO}/configs/sft_tiny.py:steps={steps}", *TINY, *extra])
+  argv = ["x", f"--config={REPO}/configs/sft_tiny.py:steps={steps}", *TINY, *extra]
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
   return fv.config
 
 
@@ -109,7 +111,7 @@ print('LOSSES', json.dumps(_losses({wd!r})))
 
 
 def test_eight_devices_match_one_device(straight, tmp_path):
-  mesh = "[('data', 2), ('fsdp', 2), ('tensor', 2)]"
+  mesh = "(('data', 2), ('fsdp', 2), ('tensor', 2))"
   res = run_python(_SCALE_SNIPPET.format(mesh=mesh, wd=str(tmp_path)), devices=8)
   assert res.returncode == 0, res.stderr[-3000:]
   got = _losses(str(tmp_path))
@@ -131,7 +133,7 @@ def test_two_processes_match_one_device(straight, tmp_path):
              JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen(
       [sys.executable, "-m", "ftjax", "train", f"--config={REPO}/configs/sft_tiny.py:steps=8",
-       f"--workdir={wd}", *TINY, "--config.mesh=[('data', 4), ('fsdp', 2)]",
+       f"--workdir={wd}", *TINY, "--config.mesh=(('data', 4), ('fsdp', 2))",
        f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]

@@ -11,6 +11,7 @@ from typing import Any, Dict
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -131,9 +132,10 @@ def run(config, workdir: str) -> Dict[str, Any]:
 
   with mesh, nn.logical_axis_rules(rules):
     opt_state = jax.jit(tx.init)(trainable)
-    state = {"params": trainable, "opt_state": opt_state,
-             "step": jax.device_put(np.int32(0), shd.replicated(mesh)),
-             "rng": jax.device_put(jax.random.fold_in(rng, 7), shd.replicated(mesh))}
+    # jit with out_shardings (not device_put) so this also works when devices span processes.
+    step0, rng0 = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 7)),
+                          out_shardings=shd.replicated(mesh))()
+    state = {"params": trainable, "opt_state": opt_state, "step": step0, "rng": rng0}
     ref = None
     if config.objective.get("reference") == "copy":  # frozen copy of the initial weights
       ref = jax.tree_util.tree_map(lambda x: x.copy(), merge_params(trainable, frozen))

@@ -97,11 +97,16 @@ def load_init_from(workdir: str, shardings):
     params = from_causal_lm(params, jax.random.key(0),
                             np.shape(params["embed_tokens"]["embedding"])[-1])
   try:
-    return jax.tree_util.tree_map(lambda x, s: jax.device_put(np.asarray(x), s), params,
-                                  shardings)
+    return jax.tree_util.tree_map(put_global, params, shardings)
   except ValueError as e:
     raise ValueError(f"config.init_from={workdir}: checkpoint params do not match "
                      f"config.model ({e})") from e
+
+
+def put_global(x, sharding):
+  """Host array -> global jax.Array on `sharding` (each process fills its addressable shards)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
 def split_params(config, params):

@@ -68,7 +68,7 @@ def make_train_step(model, objective_fn: Callable, obj_cfg, tx, sched, *,
     loss = loss_sum / denom
     metrics = dict(metrics)
     metrics.update(
-        train_loss=(loss, 1.0), grad_norm=(optax.global_norm(grads), 1.0),
+        train_loss=(loss, 1.0), grad_norm=(optax.tree.norm(grads), 1.0),
         lr=(sched(state["step"]), 1.0), tokens=(denom, 1.0))
     new_state = dict(state, params=params, opt_state=opt_state, step=state["step"] + 1, rng=rng)
     return new_state, metrics
