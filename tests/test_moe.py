@@ -196,6 +196,12 @@ for dispatch in ("dropless", "capacity"):
     logits = jax.jit(fwd)(params, tok)
   out[dispatch] = dict(diff=float(np.abs(np.asarray(logits) - np.asarray(ref)).max()),
                        spec=str(spec), devices=devices)
+try:  # 6 experts over an expert axis of 4: one clear error at trace time
+  with mesh, nn.logical_axis_rules(rules):
+    jax.eval_shape(lambda r: Decoder(cfg.replace(num_experts=6)).init(r, tok), jax.random.key(0))
+  out["bad"] = "no error"
+except ValueError as e:
+  out["bad"] = str(e)
 print("RESULT" + json.dumps(out))
 """
 
@@ -208,3 +214,4 @@ def test_expert_parallel_8_devices_matches_1():
   for dispatch in ("dropless", "capacity"):
     assert "expert" in out[dispatch]["spec"] and out[dispatch]["devices"] == 8, out
     assert out[dispatch]["diff"] < 1e-5, out
+  assert "num_experts=6 is not divisible by the expert mesh axes" in out["bad"], out["bad"]
