@@ -15,7 +15,8 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}"
           "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' }}"
-          "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] | trim + '<|eot_id|>' }}"
+          "{% if m['role'] == 'assistant' %}{% generation %}"
+          "{{ m['content'] | trim + '<|eot_id|>' }}"
           "{% endgeneration %}{% else %}{{ m['content'] | trim + '<|eot_id|>' }}{% endif %}"
           "{% endfor %}{% if add_generation_prompt %}"
           "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")

@@ -131,3 +131,20 @@ for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(plain)):
 print("OK")
 """, devices=4)
   assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
+
+
+def test_export_dtype_and_kept_config_fields(tmp_path):
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+  src = ht.save_tiny("llama", tmp_path / "src", bos_token_id=5, eos_token_id=6)
+  cfg, params = hf.load_hf(src)
+  out = hf.export_hf(params, cfg, str(tmp_path / "out"), dtype="bfloat16", base_config=src)
+  a, b = _tensors(src), _tensors(out)
+  for name in a:
+    np.testing.assert_array_equal(a[name].astype(ml_dtypes.bfloat16), b[name])
+  with open(os.path.join(out, "config.json")) as f:
+    d = json.load(f)
+  assert (d["dtype"], d["bos_token_id"], d["eos_token_id"]) == ("bfloat16", 5, 6)
+  tokens, mask = ht.padding_batch(cfg.vocab_size)
+  ref = ht.hf_logits(src, tokens, mask)
+  got = ht.hf_logits(out, tokens, mask)  # transformers loads it (upcast to float32)
+  assert np.abs(got - ref)[mask.astype(bool)].max() < 0.1

@@ -69,7 +69,7 @@ def read_header(path: str) -> Dict[str, TensorInfo]:
 
 
 def checkpoint_index(model_dir: str) -> Dict[str, TensorInfo]:
-  """Every tensor of an HF dir: via model.safetensors.index.json, model.safetensors, or *.safetensors."""
+  """Every tensor of an HF dir, via model.safetensors.index.json or else all *.safetensors."""
   index_path = os.path.join(model_dir, INDEX_NAME)
   if os.path.exists(index_path):
     with open(index_path) as f:

@@ -28,7 +28,8 @@ TINY: Dict[str, Dict[str, Any]] = {
     "gemma": dict(_LLAMA_LIKE),
     "gemma2": dict(_LLAMA_LIKE, sliding_window=4, query_pre_attn_scalar=24,
                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
-    "gpt2": dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64, initializer_range=0.1),
+    "gpt2": dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                 initializer_range=0.1),
 }
 
 
