@@ -203,51 +203,54 @@ def run(config, workdir: str) -> Dict[str, Any]:
     t_last, tokens_since, step = time.perf_counter(), 0.0, start
     pending = None
     first_loss = None
-    with _Preempted() as pre:
-      while step < total_steps:
-        try:
-          batch = next(it)
-        except StopIteration:
-          _log("data exhausted; stopping")
-          break
-        state, metrics = jstep(state, frozen, put_train(batch), ref)
-        tokens_since += _count_tokens(batch)
-        step += 1
-        pending = metrics
-        pbar.update(1)
-        last = step == total_steps
-        do_eval = ec.get("every", 0) and (step % int(ec.every) == 0 or last)
-        stop = pre.flag or step == int(tc.get("stop_at_step", 0) or -1)
-        do_ckpt = (ckpt_every and step % ckpt_every == 0) or last or stop
-        if step % log_every == 0 or step == start + 1 or last or do_eval or do_ckpt:
-          m = finalize_metrics(pending)
-          if not (math.isfinite(m["train_loss"]) and math.isfinite(m["grad_norm"])):
-            raise NonFiniteLossError(
-                f"non-finite loss {m['train_loss']} (grad norm {m['grad_norm']}) at step "
-                f"{step}; stopped without saving "
-                f"(last good checkpoint: step {ckpt.latest_step()})")
-          m.pop("tokens", None)
-          now = time.perf_counter()
-          m["tokens_per_sec"] = tokens_since / max(now - t_last, 1e-9)
-          t_last, tokens_since = now, 0.0
-          m["perplexity"] = math.exp(min(m.get("loss", m["train_loss"]), 50.0))
-          if first_loss is None:
-            first_loss = m["train_loss"]
-          if do_eval:
-            m.update(run_eval(state["params"], frozen))
-          writer.write(step, m)
-          pbar.set_postfix(loss=f"{m['train_loss']:.4f}")
-          summary["last"] = m
-        if do_ckpt:
-          ckpt.save(step, state, frozen, it.get_state(),
-                    {"step": step, "model": _model_meta(model_cfg)},
-                    metrics=summary.get("last"))
-        if stop:
-          summary["preempted"] = True
-          break
-    pbar.close()
-    ckpt.close()
-    writer.close()
+    try:
+      with _Preempted() as pre:
+        while step < total_steps:
+          try:
+            batch = next(it)
+          except StopIteration:
+            _log("data exhausted; stopping")
+            break
+          state, metrics = jstep(state, frozen, put_train(batch), ref)
+          tokens_since += _count_tokens(batch)
+          step += 1
+          pending = metrics
+          pbar.update(1)
+          last = step == total_steps
+          do_eval = ec.get("every", 0) and (step % int(ec.every) == 0 or last)
+          stop = pre.flag or step == int(tc.get("stop_at_step", 0) or -1)
+          do_ckpt = (ckpt_every and step % ckpt_every == 0) or last or stop
+          if step % log_every == 0 or step == start + 1 or last or do_eval or do_ckpt:
+            m = finalize_metrics(pending)
+            if not (math.isfinite(m["train_loss"]) and math.isfinite(m["grad_norm"])):
+              raise NonFiniteLossError(
+                  f"non-finite loss {m['train_loss']} (grad norm {m['grad_norm']}) at step "
+                  f"{step}; stopped without saving "
+                  f"(last good checkpoint: step {ckpt.latest_step()})")
+            m.pop("tokens", None)
+            now = time.perf_counter()
+            m["tokens_per_sec"] = tokens_since / max(now - t_last, 1e-9)
+            t_last, tokens_since = now, 0.0
+            m["perplexity"] = math.exp(min(m.get("loss", m["train_loss"]), 50.0))
+            if first_loss is None:
+              first_loss = m["train_loss"]
+            if do_eval:
+              m.update(run_eval(state["params"], frozen))
+              t_last = time.perf_counter()  # eval time is not training throughput
+            writer.write(step, m)
+            pbar.set_postfix(loss=f"{m['train_loss']:.4f}")
+            summary["last"] = m
+          if do_ckpt:
+            ckpt.save(step, state, frozen, it.get_state(),
+                      {"step": step, "model": _model_meta(model_cfg)},
+                      metrics=summary.get("last"))
+          if stop:
+            summary["preempted"] = True
+            break
+    finally:  # close the bar and finish async saves even when a step fails
+      pbar.close()
+      ckpt.close()
+      writer.close()
   summary.update(end_step=step, first_loss=first_loss,
                  data_stats=getattr(it, "stats", {}))
   if jax.process_index() == 0:
