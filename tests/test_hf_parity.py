@@ -101,3 +101,38 @@ def test_qwen2_sliding_layers_and_unsupported(tmp_path):
                            layer_types=["full_attention", "sliding_attention"]))
   with pytest.raises(ValueError, match="rope type 'yarn'"):
     hf.config_from_hf(dict(base, rope_parameters={"rope_type": "yarn", "factor": 2.0}))
+
+
+# Published configs (as on the hub, v4 spelling) and their published parameter counts: the
+# mapping gets real shapes right without allocating anything (jax.eval_shape).
+REAL_CONFIGS = {
+    "Llama-3.2-1B": (1_235_814_400, dict(
+        model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+        num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        tie_word_embeddings=True, hidden_act="silu")),
+    "Qwen2.5-0.5B": (494_032_768, dict(
+        model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        sliding_window=32768, use_sliding_window=False, max_window_layers=24,
+        tie_word_embeddings=True, hidden_act="silu")),
+    "gemma-2-2b": (2_614_341_888, dict(
+        model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+        num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+        query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh")),
+    "gpt2": (124_439_808, dict(model_type="gpt2", vocab_size=50257, n_embd=768, n_layer=12,
+                               n_head=12, n_positions=1024)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
+def test_real_config_shapes(name):
+  import jax  # pylint: disable=g-import-not-at-top
+  count, d = REAL_CONFIGS[name]
+  cfg = hf.config_from_hf(d)
+  abstract = jax.tree_util.tree_leaves(hf.abstract_params(cfg))
+  assert sum(int(np.prod(x.shape)) for x in abstract) == count
