@@ -48,5 +48,7 @@ def export_workdir(workdir: str, out_dir: str, adapter_only: bool = False) -> st
   if peft_on and config.peft.method != "hft":
     from ftjax import peft  # pylint: disable=g-import-not-at-top
     params, model_cfg = peft.merge(params, model_cfg)
-  hf.export_hf(params, model_cfg, out_dir, tokenizer=tokenizer)
+  # base_config: the source HF dir's token ids and generation_config.json carry over.
+  hf.export_hf(params, model_cfg, out_dir, tokenizer=tokenizer,
+               base_config=config.model.get("hf_path") or None)
   return out_dir
