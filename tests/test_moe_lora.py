@@ -12,7 +12,7 @@ from ftjax.models import Decoder, ModelConfig
 
 
 def test_lora_on_experts_and_router_merges_exactly():
-  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
                     num_heads=4, num_kv_heads=2, num_experts=4, num_experts_per_tok=2,
                     moe_intermediate_size=16)
   tok = jax.random.randint(jax.random.key(0), (2, 8), 1, 64)
@@ -22,10 +22,10 @@ def test_lora_on_experts_and_router_merges_exactly():
   full = peft.apply_peft(cfg, pc)
   params = peft.init_adapters(base, Decoder(full), jax.random.key(2), tok)
   mlp = params["layers"]["mlp"]
-  assert mlp["experts"]["gate_proj"]["lora_A"].shape == (2, 4, 32, 2)  # [L, E, in, r]
-  assert mlp["experts"]["down_proj"]["lora_B"].shape == (2, 4, 2, 32)
+  assert mlp["experts"]["gate_proj"]["lora_A"].shape == (1, 4, 32, 2)  # [L, E, in, r]
+  assert mlp["experts"]["down_proj"]["lora_B"].shape == (1, 4, 2, 32)
   assert "lora_A" not in mlp["experts"]["up_proj"]  # not targeted
-  assert mlp["gate"]["lora_A"].shape == (2, 32, 2)  # the router, a Linear
+  assert mlp["gate"]["lora_A"].shape == (1, 32, 2)  # the router, a Linear
   fwd = jax.jit(lambda p, c: Decoder(c).apply({"params": p}, tok), static_argnums=1)
   np.testing.assert_allclose(fwd(params, full), fwd(base, cfg), atol=1e-5)  # B = 0 at init
   # Non-zero adapters change the output, and merging reproduces it with plain weights.
