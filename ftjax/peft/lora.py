@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ftjax.models import layers
 from ftjax.peft import nf4
 from ftjax.peft.spec import hf_name, resolve, scaling
 
@@ -81,7 +82,7 @@ def _nf4_base(module, spec, in_f, out_f):
 def _nf4_dot(x, leaves, block, dtype):
   # Rematerialised: the backward pass re-dequantises from the 4-bit leaves instead of keeping a
   # full-precision copy of every layer's kernel as a scan residual.
-  return jnp.dot(x, nf4.dequantize(leaves, block, dtype))
+  return layers.matmul(x, nf4.dequantize(leaves, block, dtype))
 
 
 def _base(module, spec, in_f, out_f, dtype):
@@ -92,7 +93,7 @@ def _base(module, spec, in_f, out_f, dtype):
             lambda: nf4.dequantize(leaves, spec.block_size, dtype), bias)
   kernel, bias = module.base_params(in_f)
   kernel = kernel.astype(dtype)
-  return (lambda v: jnp.dot(v, kernel)), (lambda: kernel), bias
+  return (lambda v: layers.matmul(v, kernel)), (lambda: kernel), bias
 
 
 def _dropout(module, x, rate):
@@ -137,7 +138,7 @@ def adapt_linear(module, x: jax.Array, in_f: int, out_f: int, dtype) -> jax.Arra
     return add_bias(matmul(x))
   s = scaling(spec, rank, alpha)
   xd = _dropout(module, x, spec.dropout)
-  lora = jnp.dot(jnp.dot(xd, a.astype(dtype)), b.astype(dtype)) * jnp.asarray(s, dtype)
+  lora = layers.matmul(layers.matmul(xd, a.astype(dtype)), b.astype(dtype)) * jnp.asarray(s, dtype)
   base = matmul(x)
   if m is None:
     return add_bias(base + lora)
