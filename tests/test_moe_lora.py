@@ -3,7 +3,6 @@ by target_modules patterns; identity at init, merge folds them exactly."""
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 

@@ -95,7 +95,8 @@ def bench_balance(steps: int, dispatch: str):
   rows = []
   for aux in (0.0, 0.01):
     # capacity factor 2: (almost) nothing dropped, so routing is what the router wants.
-    c = _load_config("moe_tiny", f"steps={steps},aux={aux},dispatch={dispatch},capacity_factor=2.0")
+    c = _load_config("moe_tiny",
+                     f"steps={steps},aux={aux},dispatch={dispatch},capacity_factor=2.0")
     c.eval.update(dict(every=0, exact_match_examples=0))
     c.checkpoint.every = 0
     c.train.log_every = steps
@@ -135,7 +136,8 @@ def main(argv=None):
     out["balance"] = bench_balance(a.steps, a.balance_dispatch)
     print(f"\nExpert load after {a.steps} steps of configs/moe_tiny.py (share x E per layer; 1 = "
           "balanced)")
-    print("| moe_aux_coef | train NLL | lb loss | dropped | max load per layer | min load per layer |")
+    print("| moe_aux_coef | train NLL | lb loss | dropped | max load per layer | "
+          "min load per layer |")
     print("|---:|---:|---:|---:|---|---|")
     for r in out["balance"]:
       fmt = lambda v: " ".join(f"{x:.2f}" for x in v)

@@ -8,6 +8,9 @@ The layout is picked from the checkpoint's tensor names. Every layer must be an 
 (layers are scanned): `decoder_sparse_step` != 1 or `mlp_only_layers` are refused.
 """
 
+# The dense families' helpers in hf_config / hf_weights are reused on purpose.
+# pylint: disable=protected-access
+
 from __future__ import annotations
 
 import re
@@ -61,7 +64,7 @@ def _moe_hf(cfg: ModelConfig) -> Dict[str, Any]:
 
 
 def _mixtral_to_cfg(d):
-  kw = hc._llama_like(d)  # pylint: disable=protected-access
+  kw = hc._llama_like(d)
   kw.update(_moe_kw(d, "num_local_experts", True), moe_intermediate_size=d["intermediate_size"])
   if not kw["moe_norm_topk_prob"]:
     raise ValueError("config.json: Mixtral always renormalises top-k weights")
@@ -69,20 +72,20 @@ def _mixtral_to_cfg(d):
 
 
 def _mixtral_to_hf(cfg: ModelConfig):
-  hc._check_no_extras(cfg, {"num_experts"}, "mixtral")  # pylint: disable=protected-access
+  hc._check_no_extras(cfg, {"num_experts"}, "mixtral")
   _check_moe_export(cfg, "mixtral", shared_ok=False)
   if not cfg.moe_norm_topk_prob:
     raise ValueError("model.moe_norm_topk_prob=False cannot be exported as HF mixtral")
   if cfg.sliding_window is not None and cfg.sliding_window_pattern != 1:
     raise ValueError("model.sliding_window_pattern must be 1 for HF mixtral")
-  d = hc._llama_like_to_hf(cfg)  # pylint: disable=protected-access
+  d = hc._llama_like_to_hf(cfg)
   d.update(_moe_hf(cfg), intermediate_size=cfg.moe_intermediate_size or cfg.intermediate_size,
            num_local_experts=cfg.num_experts, sliding_window=cfg.sliding_window)
   return d
 
 
 def _qwen2_moe_to_cfg(d):
-  kw = hc._llama_like(d, qkv_bias=bool(d.get("qkv_bias", True)))  # pylint: disable=protected-access
+  kw = hc._llama_like(d, qkv_bias=bool(d.get("qkv_bias", True)))
   kw.update(_moe_kw(d, "num_experts", False, d.get("shared_expert_intermediate_size", 0)),
             moe_intermediate_size=d["moe_intermediate_size"])
   return kw
@@ -90,29 +93,29 @@ def _qwen2_moe_to_cfg(d):
 
 def _qwen3_moe_to_cfg(d):
   bias = bool(d.get("attention_bias", False))
-  kw = hc._llama_like(d, qkv_bias=bias, o_bias=bias, qk_norm=True)  # pylint: disable=protected-access
+  kw = hc._llama_like(d, qkv_bias=bias, o_bias=bias, qk_norm=True)
   kw.update(_moe_kw(d, "num_experts", False), moe_intermediate_size=d["moe_intermediate_size"])
   return kw
 
 
 def _qwen_moe_hf(cfg: ModelConfig) -> Dict[str, Any]:
-  d = hc._llama_like_to_hf(cfg)  # pylint: disable=protected-access
+  d = hc._llama_like_to_hf(cfg)
   d.update(_moe_hf(cfg))
-  d.update(hc._qwen_sliding(cfg))  # pylint: disable=protected-access
+  d.update(hc._qwen_sliding(cfg))
   d.update(num_experts=cfg.num_experts, norm_topk_prob=cfg.moe_norm_topk_prob,
            moe_intermediate_size=cfg.moe_intermediate_size or cfg.intermediate_size)
   return d
 
 
 def _qwen2_moe_to_hf(cfg: ModelConfig):
-  hc._check_no_extras(cfg, {"num_experts", "qkv_bias"}, "qwen2_moe")  # pylint: disable=protected-access
+  hc._check_no_extras(cfg, {"num_experts", "qkv_bias"}, "qwen2_moe")
   _check_moe_export(cfg, "qwen2_moe", shared_ok=True)
   return dict(_qwen_moe_hf(cfg), qkv_bias=cfg.qkv_bias,
               shared_expert_intermediate_size=cfg.moe_shared_intermediate_size)
 
 
 def _qwen3_moe_to_hf(cfg: ModelConfig):
-  hc._check_no_extras(cfg, {"num_experts", "qkv_bias", "o_bias", "qk_norm"}, "qwen3_moe")  # pylint: disable=protected-access
+  hc._check_no_extras(cfg, {"num_experts", "qkv_bias", "o_bias", "qk_norm"}, "qwen3_moe")
   _check_moe_export(cfg, "qwen3_moe", shared_ok=False)
   if cfg.qkv_bias != cfg.o_bias:
     raise ValueError("model.qkv_bias != model.o_bias cannot be exported as HF qwen3_moe")
@@ -161,9 +164,9 @@ def moe_table(cfg: ModelConfig, names=None):
     ]
   if cfg.moe_shared_intermediate_size:
     for p in ("gate_proj", "up_proj", "down_proj"):
-      rules += hw._lin(f"model.layers.{{i}}.mlp.shared_expert.{p}",  # pylint: disable=protected-access
+      rules += hw._lin(f"model.layers.{{i}}.mlp.shared_expert.{p}",
                        mlp + ("shared_expert", p), False)
-    rules += hw._lin("model.layers.{i}.mlp.shared_expert_gate",  # pylint: disable=protected-access
+    rules += hw._lin("model.layers.{i}.mlp.shared_expert_gate",
                      mlp + ("shared_expert_gate",), False)
   return rules, ignore
 
