@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 
@@ -57,3 +60,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.best_metric = ml_collections.config_dict.placeholder(str)
   c.checkpoint.best_mode = "min"
   return c
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """'configs/x.py[:arg]' (a path, or a name under the repo's configs/) -> its get_config(arg).
+
+  configs/ is not a package; configs that derive from others and tools load them by path here.
+  """
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    cand = os.path.join(here, path if path.endswith(".py") else path + ".py")
+    if not os.path.exists(cand):
+      raise FileNotFoundError(f"config {spec!r}: no such file")
+    path = cand
+  name = "ftjax_config_" + os.path.splitext(os.path.basename(path))[0]
+  mod_spec = importlib.util.spec_from_file_location(name, path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  return mod.get_config(arg or None)
