@@ -173,32 +173,35 @@ def test_expert_axis_must_divide_experts():
 _EP_CODE = r"""
 import json, jax, jax.numpy as jnp, numpy as np, flax.linen as nn
 from ftjax import sharding as shd
-from ftjax.models import Decoder, ModelConfig
+from ftjax.models import ModelConfig
+from ftjax.models.moe import MoEBlock
 assert len(jax.devices()) == 8
 out = {}
+x = jax.random.normal(jax.random.key(0), (8, 8, 32))
+seg = jnp.ones((8, 8), jnp.int32)
+mesh = shd.make_mesh([("data", 2), ("expert", 4)])
+rules = shd.DEFAULT_RULES
 for dispatch in ("dropless", "capacity"):
-  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
-                    num_heads=4, num_kv_heads=2, num_experts=8, num_experts_per_tok=2,
+  cfg = ModelConfig(hidden_size=32, num_experts=8, num_experts_per_tok=2,
                     moe_intermediate_size=16, moe_dispatch=dispatch, moe_capacity_factor=4.0)
-  model = Decoder(cfg)
-  tok = jax.random.randint(jax.random.key(0), (8, 8), 1, 64)
-  init = lambda r: model.init(r, tok)["params"]
-  fwd = lambda p, t: model.apply({"params": p}, t)
+  block = MoEBlock(cfg)
+  init = lambda r: block.init(r, x, seg)["params"]
+  fwd = lambda p, x: block.apply({"params": p}, x, seg)
   ref_params = jax.jit(lambda r: nn.unbox(init(r)))(jax.random.key(1))  # one device
-  ref = jax.jit(fwd)(ref_params, tok)
-  mesh = shd.make_mesh([("data", 2), ("expert", 4)])
-  rules = shd.DEFAULT_RULES
+  ref = jax.jit(fwd)(ref_params, x)
   shardings = shd.logical_shardings(jax.eval_shape(init, jax.random.key(1)), mesh, rules)
   with mesh, nn.logical_axis_rules(rules):
     params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(jax.random.key(1))
-    spec = params["layers"]["mlp"]["experts"]["gate_proj"]["kernel"].sharding.spec
-    devices = len(params["layers"]["mlp"]["experts"]["gate_proj"]["kernel"].sharding.device_set)
-    logits = jax.jit(fwd)(params, tok)
-  out[dispatch] = dict(diff=float(np.abs(np.asarray(logits) - np.asarray(ref)).max()),
-                       spec=str(spec), devices=devices)
+    kernel = params["experts"]["gate_proj"]["kernel"]
+    xs = jax.device_put(x, shd.data_sharding(mesh, rules).update(
+        spec=jax.sharding.PartitionSpec(("data", "fsdp", "expert"))))
+    y = jax.jit(fwd)(params, xs)
+  out[dispatch] = dict(diff=float(np.abs(np.asarray(y) - np.asarray(ref)).max()),
+                       spec=str(kernel.sharding.spec), devices=len(kernel.sharding.device_set))
 try:  # 6 experts over an expert axis of 4: one clear error at trace time
   with mesh, nn.logical_axis_rules(rules):
-    jax.eval_shape(lambda r: Decoder(cfg.replace(num_experts=6)).init(r, tok), jax.random.key(0))
+    jax.eval_shape(lambda r: MoEBlock(cfg.replace(num_experts=6)).init(r, x, seg),
+                   jax.random.key(0))
   out["bad"] = "no error"
 except ValueError as e:
   out["bad"] = str(e)

@@ -12,7 +12,7 @@ from ftjax.upcycle import upcycle_config, upcycle_params
 
 
 def test_upcycled_logits_equal_dense_logits():
-  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
                     num_heads=4, num_kv_heads=2)
   tok = jax.random.randint(jax.random.key(0), (2, 12), 1, 64)
   seg = jnp.ones_like(tok).at[1, 9:].set(0)
@@ -20,7 +20,7 @@ def test_upcycled_logits_equal_dense_logits():
   dense = Decoder(cfg).apply({"params": params}, tok, segment_ids=seg)
   moe_params, moe_cfg = upcycle_params(params, cfg, num_experts=4, top_k=2, router_std=1.0)
   assert moe_cfg.family == "mixtral" and moe_cfg.moe_norm_topk_prob
-  assert moe_params["layers"]["mlp"]["experts"]["gate_proj"]["kernel"].shape == (2, 4, 32, 48)
+  assert moe_params["layers"]["mlp"]["experts"]["gate_proj"]["kernel"].shape == (1, 4, 32, 48)
   valid = np.asarray(seg, bool)
   for dispatch in ("dropless", "capacity"):
     c = moe_cfg.replace(moe_dispatch=dispatch, moe_capacity_factor=2.0)
