@@ -23,7 +23,7 @@ DEFAULT_AUX_COEF = 0.01
 DEFAULT_Z_COEF = 0.001
 # Per-(layer, expert) load metrics are written only up to this many pairs (the train loop logs
 # every metric); beyond it only the per-layer max/min summaries.
-MAX_LOAD_METRICS = 16
+MAX_LOAD_METRICS = 64
 
 
 def forward(ctx, params, batch, prefix: str = "", **kw):
