@@ -167,3 +167,38 @@ def test_hft_mask_half_per_layer_and_resumable(base):
   assert not all(np.array_equal(flat[0], f) for f in flat[1:])  # rounds differ
   upd = jax.tree_util.tree_map(lambda x, s: jnp.ones_like(x) * s, base, m0)
   assert upd["layers"]["self_attn"]["q_proj"]["kernel"].shape == (2, 64, 64)
+
+
+def test_train_step_updates_only_adapters_and_hft_groups(base):
+  """Through the train loop's step: frozen leaves have no optimizer state and never move; HFT's
+  multipliers freeze the unselected groups of each layer."""
+  from ftjax import objectives  # pylint: disable=g-import-not-at-top
+  from ftjax.train.optim import make_optimizer  # pylint: disable=g-import-not-at-top
+  from ftjax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
+  tx, sched = make_optimizer(ml_collections.ConfigDict(dict(lr=1e-2, schedule="constant")), 10)
+  toks = TOK[None]
+  batch = {"tokens": toks, "targets": jnp.roll(toks, -1, -1), "loss_mask": jnp.ones(toks.shape)}
+  for pc in (_peft("lora"), ml_collections.ConfigDict(dict(method="hft", round_len=5, seed=1))):
+    cfg = peft.apply_peft(CFG, pc)
+    params = base if cfg is CFG else _adapted(base, pc)[1]
+    train, frozen = peft.split_trainable(params, peft.trainable_mask(params, pc))
+    scale_fn = peft.hft_update_scale_fn(train, pc) if pc.method == "hft" else None
+    step = jax.jit(make_train_step(Decoder(cfg), objectives.get("sft"),
+                                   ml_collections.ConfigDict(), tx, sched,
+                                   update_scale_fn=scale_fn))
+    state = {"params": train, "opt_state": tx.init(train), "step": jnp.int32(0),
+             "rng": jax.random.key(0)}
+    n_state = sum(x.size for x in jax.tree_util.tree_leaves(state["opt_state"]))
+    n_train = sum(x.size for x in jax.tree_util.tree_leaves(train))
+    assert n_state == 2 * n_train + 1  # Adam mu, nu (+ count): trainable leaves only
+    new, _ = step(state, frozen, batch)
+    moved = jax.tree_util.tree_map(lambda a, b: np.asarray(jnp.any(a != b, axis=tuple(
+        range(1, a.ndim)) if a.ndim > 1 else None)), new["params"], train)
+    if pc.method == "lora":
+      assert set(frozen["layers"]["self_attn"]["q_proj"]) == {"kernel"}
+      assert np.all(moved["layers"]["self_attn"]["q_proj"]["lora_B"])
+    else:
+      mask = peft.hft_mask(train, 0, 5, 1)
+      for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        want = np.asarray(mask["layers"]["self_attn"][name]["kernel"]).reshape(-1) > 0
+        np.testing.assert_array_equal(moved["layers"]["self_attn"][name]["kernel"], want)

@@ -3,9 +3,11 @@
   python tools/bench_peft.py [--rounds 3] [--steps 2] [--out bench_out/peft.json]
 
 Bench model (tools/bench_sft.py's): Llama, hidden 512, 8 layers, 8/4 heads, MLP 1408, vocab 8192,
-seq 512, batch 4, float32, AdamW; LoRA r 16 / alpha 32 on every linear layer. Every measurement
-is a fresh subprocess (peak RSS is per run); implementations are interleaved round by round
-(rotated order) and we report medians. "weights MB" is the bytes of all params (NF4 kernels
+seq 512, batch 4, float32, AdamW; LoRA r 16 / alpha 32 on every linear layer. Peak RSS comes
+from one fresh subprocess per implementation. Throughput comes from one process holding every
+implementation (torch and JAX side by side), timed block by block in rotating order over
+`rounds`, medians of rounds * steps step times: on a shared machine whose load drifts by 2-3x
+between minutes, only interleaving at this grain keeps the ratios meaningful. "weights MB" is the bytes of all params (NF4 kernels
 included); "linear base %" is the NF4 linear kernels' bytes over their float32 bytes.
 LoRA needs no weight gradients, so its matmul floor is ~4 * N * tokens FLOPs (vs 6 for full FT).
 """
@@ -38,7 +40,8 @@ def _nbytes(tree):
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
-def run_ftjax(method: str, steps: int):
+def build_ftjax(method: str):
+  """(one_step() -> blocks until done, info) for an ftjax train step of `method`."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -74,22 +77,17 @@ def run_ftjax(method: str, steps: int):
   state = {"params": trainable, "opt_state": tx.init(trainable), "step": jnp.int32(0),
            "rng": jax.random.key(1)}
   n_train = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
-  t0 = time.perf_counter()
-  state, m = step(state, frozen, batch)
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t0
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    state, m = step(state, frozen, batch)
+  box = {"state": state}
+
+  def one():
+    box["state"], m = step(box["state"], frozen, batch)
     jax.block_until_ready(m)
-    times.append(time.perf_counter() - t0)
-  return dict(step_s=statistics.median(times), compile_s=compile_s, peak_rss_mb=_peak_rss_mb(),
-              loss=float(m["train_loss"][0]), trainable=int(n_train), weights_mb=weights / 2**20,
-              linear_base_frac=linear_bytes / linear_fp32)
+    return float(m["train_loss"][0])
+  return one, dict(trainable=int(n_train), weights_mb=weights / 2**20,
+                   linear_base_frac=linear_bytes / linear_fp32)
 
 
-def run_hf_peft(steps: int):
+def build_hf_peft():
   import peft  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
@@ -115,66 +113,93 @@ def run_hf_peft(steps: int):
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return out.loss
-  t0 = time.perf_counter()
-  one()
-  first = time.perf_counter() - t0
+    return float(out.loss)
+  weights = sum(p.numel() * p.element_size() for p in model.parameters())
+  return one, dict(trainable=int(sum(p.numel() for p in params)), weights_mb=weights / 2**20,
+                   linear_base_frac=1.0)
+
+
+def build(impl: str):
+  return build_hf_peft() if impl == "hf_peft_lora" else build_ftjax(impl)
+
+
+def _timed(one, steps):
   times = []
   for _ in range(steps):
     t0 = time.perf_counter()
     loss = one()
     times.append(time.perf_counter() - t0)
-  weights = sum(p.numel() * p.element_size() for p in model.parameters())
-  return dict(step_s=statistics.median(times), compile_s=first, peak_rss_mb=_peak_rss_mb(),
-              loss=float(loss), trainable=int(sum(p.numel() for p in params)),
-              weights_mb=weights / 2**20, linear_base_frac=1.0)
+  return times, loss
 
 
 def _child(impl: str, steps: int):
-  res = run_hf_peft(steps) if impl == "hf_peft_lora" else run_ftjax(impl, steps)
+  """Separate process per implementation: its peak RSS is its own."""
+  one, info = build(impl)
+  t0 = time.perf_counter()
+  one()
+  compile_s = time.perf_counter() - t0
+  times, loss = _timed(one, steps)
+  res = dict(info, step_s=statistics.median(times), compile_s=compile_s,
+             peak_rss_mb=_peak_rss_mb(), loss=loss)
   print("RESULT " + json.dumps(res), flush=True)
 
 
-def _spawn(impl: str, steps: int) -> dict:
-  out = subprocess.run([sys.executable, __file__, "--child", impl, "--steps", str(steps)],
+def alternate(impls, rounds: int, steps: int) -> dict:
+  """All implementations in one process, timed step-block by step-block in rotating order: on a
+  shared machine whose load drifts, this keeps the ratios fair (memory is not measured here)."""
+  built = {i: build(i) for i in impls}
+  for one, _ in built.values():
+    one()  # compile / warm up
+  times = {i: [] for i in impls}
+  for r in range(rounds):
+    for impl in impls[r % len(impls):] + impls[:r % len(impls)]:
+      times[impl].extend(_timed(built[impl][0], steps)[0])
+  return {i: dict(step_s=statistics.median(t), times=t) for i, t in times.items()}
+
+
+def _spawn(child, *extra) -> dict:
+  out = subprocess.run([sys.executable, __file__, "--child", *child, *extra],
                        capture_output=True, text=True, check=False)
   for line in out.stdout.splitlines():
     if line.startswith("RESULT "):
       return json.loads(line[7:])
-  raise RuntimeError(f"{impl} benchmark failed:\n{out.stderr[-3000:]}")
+  raise RuntimeError(f"{child} benchmark failed:\n{out.stderr[-3000:]}")
 
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--rounds", type=int, default=3)
-  ap.add_argument("--steps", type=int, default=2)
+  ap.add_argument("--rounds", type=int, default=3, help="alternating throughput rounds")
+  ap.add_argument("--steps", type=int, default=2, help="timed steps per impl per round")
   ap.add_argument("--impls", default=",".join(IMPLS))
   ap.add_argument("--out", default="bench_out/peft.json")
   ap.add_argument("--child", default=None)
   args = ap.parse_args()
+  impls = [i for i in args.impls.split(",") if i]
+  if args.child == "alternate":
+    print("RESULT " + json.dumps(alternate(impls, args.rounds, args.steps)), flush=True)
+    return
   if args.child:
     return _child(args.child, args.steps)
-  impls = [i for i in args.impls.split(",") if i]
-  rows = {i: [] for i in impls}
-  for r in range(args.rounds):
-    order = impls[r % len(impls):] + impls[:r % len(impls)]  # rotate: no fixed position bias
-    for impl in order:
-      rows[impl].append(_spawn(impl, args.steps))
-      print(f"round {r} {impl}: {rows[impl][-1]['step_s']:.2f} s/step", flush=True)
+  mem = {}
+  for impl in impls:  # memory: one fresh process each (1 timed step)
+    mem[impl] = _spawn([impl], "--steps", "1")
+    print(f"isolated {impl}: peak {mem[impl]['peak_rss_mb']:.0f} MB, "
+          f"{mem[impl]['step_s']:.2f} s/step", flush=True)
+  speed = _spawn(["alternate"], "--impls", ",".join(impls), "--rounds", str(args.rounds),
+                 "--steps", str(args.steps))
   tokens = BENCH["batch_size"] * BENCH["seq_len"]
   result = {"bench": BENCH, "rank": RANK, "rounds": args.rounds, "steps": args.steps,
-            "impls": {}}
+            "load_avg": os.getloadavg(), "impls": {}}
   print(f"{'impl':<14}{'tokens/s':>10}{'step s':>9}{'compile s':>11}{'peak MB':>9}"
         f"{'weights MB':>12}{'trainable':>12}{'linear base %':>15}")
-  for impl, rs in rows.items():
-    step_s = statistics.median(r["step_s"] for r in rs)
-    rec = dict(tokens_per_s=tokens / step_s, step_s=step_s,
-               compile_s=statistics.median(r["compile_s"] for r in rs),
-               peak_rss_mb=statistics.median(r["peak_rss_mb"] for r in rs),
-               weights_mb=rs[0]["weights_mb"], trainable=rs[0]["trainable"],
-               linear_base_frac=rs[0]["linear_base_frac"], runs=rs)
+  for impl in impls:
+    m, sp = mem[impl], speed[impl]
+    rec = dict(tokens_per_s=tokens / sp["step_s"], step_s=sp["step_s"], step_times=sp["times"],
+               compile_s=m["compile_s"], peak_rss_mb=m["peak_rss_mb"],
+               weights_mb=m["weights_mb"], trainable=m["trainable"],
+               linear_base_frac=m["linear_base_frac"], isolated_step_s=m["step_s"])
     result["impls"][impl] = rec
-    print(f"{impl:<14}{rec['tokens_per_s']:>10.0f}{step_s:>9.2f}{rec['compile_s']:>11.1f}"
+    print(f"{impl:<14}{rec['tokens_per_s']:>10.0f}{rec['step_s']:>9.2f}{rec['compile_s']:>11.1f}"
           f"{rec['peak_rss_mb']:>9.0f}{rec['weights_mb']:>12.1f}{rec['trainable']:>12,}"
           f"{100 * rec['linear_base_frac']:>14.1f}%")
   got = result["impls"]
