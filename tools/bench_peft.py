@@ -7,8 +7,12 @@ seq 512, batch 4, float32, AdamW; LoRA r 16 / alpha 32 on every linear layer. Pe
 from one fresh subprocess per implementation. Throughput comes from one process holding every
 implementation (torch and JAX side by side), timed block by block in rotating order over
 `rounds`, medians of rounds * steps step times: on a shared machine whose load drifts by 2-3x
-between minutes, only interleaving at this grain keeps the ratios meaningful. "weights MB" is the bytes of all params (NF4 kernels
-included); "linear base %" is the NF4 linear kernels' bytes over their float32 bytes.
+between minutes, only interleaving at this grain keeps the ratios meaningful.
+"weights MB" is the bytes of all params (NF4 kernels included); "linear base %" is the NF4
+linear kernels' bytes over their float32 bytes.
+Measured (2-core CPU, load avg ~3): ftjax LoRA 845 tok/s, HF PEFT LoRA 1320 tok/s (0.64x);
+under heavy load (load avg ~7) the order flips (ftjax 1.48x): torch degrades more when the
+cores are oversubscribed. See the README for the full table.
 LoRA needs no weight gradients, so its matmul floor is ~4 * N * tokens FLOPs (vs 6 for full FT).
 """
 
