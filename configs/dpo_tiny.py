@@ -7,7 +7,11 @@ Starts from the SFT run's latest checkpoint (config.init_from) with the same mod
 reference is a frozen copy of those weights (objective.reference='copy'; 'precomputed' caches
 reference log-probs, 'none' is reference-free). 150 steps x 16 pairs x 32 tokens ~ 2,400 pairs
 (half an epoch of the 5k-pair split). Eval reports held-out rewards/accuracies on 128 unseen
-pairs and greedy exact match (answer = the chosen completion) on 200 held-out prompts. Variants: --config.objective.loss_type=ipo (any TRL DPO loss type), ...beta=0.3,
+pairs and greedy exact match (answer = the chosen completion) on 200 held-out prompts.
+Measured (2 shared CPU cores, SFT run at exact match 0.63): rewards/accuracies 0 -> 0.81, exact
+match 0.63 -> 0.645 with these defaults (RPO: rpo_alpha=1 adds the chosen NLL, lr 5e-5). Plain
+DPO (rpo_alpha=0, lr 2e-4) reached 0.84 accuracy but exact match fell to 0.445: the chosen
+log-probs drop too (-0.82 -> -1.62), the known DPO failure RPO's NLL term prevents. Variants: --config.objective.loss_type=ipo (any TRL DPO loss type), ...beta=0.3,
 ...rpo_alpha=1.0, or --config configs/simpo_tiny.py / orpo_tiny.py / kto_tiny.py.
 """
 
@@ -51,7 +55,7 @@ def preference_config(a, objective: dict, kind: str = "preference"):
 
 
 def get_config(arg=None):
-  a = parse_arg(arg, steps=150, sft="runs/sft_tiny", lr=2e-4, beta=0.1)
+  a = parse_arg(arg, steps=150, sft="runs/sft_tiny", lr=5e-5, beta=0.1, rpo_alpha=1.0)
   return preference_config(a, dict(
-      name="dpo", loss_type="sigmoid", beta=a.beta, label_smoothing=0.0, rpo_alpha=0.0,
-      reference="copy"))
+      name="dpo", loss_type="sigmoid", beta=a.beta, label_smoothing=0.0,
+      rpo_alpha=a.rpo_alpha, reference="copy"))
