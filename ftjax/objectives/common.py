@@ -6,8 +6,13 @@ import jax
 import jax.numpy as jnp
 
 
-def forward(model, params, batch, prefix: str = "", **kw):
-  """Logits [B, T, V] (float32) for `batch[prefix + 'tokens']` with packing metadata if present."""
+def forward(model, params, batch, prefix: str = "", rng=None, **kw):
+  """Logits [B, T, V] (float32) for `batch[prefix + 'tokens']` with packing metadata if present.
+
+  `rng` (training only) feeds the 'dropout' stream, e.g. LoRA dropout; None = deterministic.
+  """
+  if rng is not None:
+    kw["rngs"] = {"dropout": rng}
   return model.apply(
       {"params": params}, batch[prefix + "tokens"],
       positions=batch.get(prefix + "positions"),

@@ -11,8 +11,8 @@ from ftjax.objectives.common import token_logps
 @register("sft")
 def sft(params, batch, rng, ctx):
   """batch: tokens/targets/loss_mask [B, T] (+ positions, segment_ids). Returns (sum, count)."""
-  del rng
-  logits, aux = moe_aux.forward(ctx, params, batch)  # aux is None for dense models
+  rng = rng if ctx.train else None  # dropout (e.g. LoRA's) only while training
+  logits, aux = moe_aux.forward(ctx, params, batch, rng=rng)  # aux is None for dense models
   logp, correct = token_logps(logits, batch["targets"])
   mask = batch["loss_mask"].astype(jnp.float32)
   nll_sum = -(logp * mask).sum()
