@@ -90,8 +90,10 @@ def load_init_from(workdir: str, shardings):
   trainable, frozen, _ = ck.restore_params()
   ck.close()
   params = merge_params(trainable, frozen)
-  if "peft" in params:  # pragma: no cover - adapters must be merged before reuse as a base
-    raise ValueError("config.init_from: checkpoint has adapters; export a merged model first")
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  if any("lora_" in p for p in paths):
+    raise ValueError(f"config.init_from={workdir}: checkpoint has LoRA adapters; start from "
+                     "its merged export (ftjax export + config.model.hf_path) instead")
   if "score" in shardings and "score" not in params:  # reward model (head='reward') from an LM
     from ftjax.models.reward import from_causal_lm  # pylint: disable=g-import-not-at-top
     params = from_causal_lm(params, jax.random.key(0),
