@@ -3,22 +3,10 @@
   ftjax train --config configs/hft_hf.py:path=/ckpt/Qwen2.5-0.5B-Instruct --workdir runs/hft
 """
 
-import importlib.util
-import os
-
 from ftjax.config import parse_arg
-
-
-def _lora_helpers():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lora_tiny.py")
-  spec = importlib.util.spec_from_file_location("ftjax_configs_lora_tiny", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+from ftjax.peft.configs import derive
 
 
 def get_config(arg=None):
   a = parse_arg(arg, path="", steps=1000, round_len=100)
-  base = _lora_helpers().load_config("sft_hf", f"path={a.path},steps={a.steps}")
-  return _lora_helpers().derive("sft_hf", f"path={a.path},steps={a.steps}", "hft",
-                                lr=base.optim.lr, round_len=a.round_len)
+  return derive(f"sft_hf:path={a.path},steps={a.steps}", "hft", round_len=a.round_len)

@@ -7,21 +7,11 @@
 r 16, alpha 32 on every linear layer, lr 2e-4 (the usual LoRA range for pretrained models).
 """
 
-import importlib.util
-import os
-
 from ftjax.config import parse_arg
-
-
-def _lora_helpers():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lora_tiny.py")
-  spec = importlib.util.spec_from_file_location("ftjax_configs_lora_tiny", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+from ftjax.peft.configs import derive
 
 
 def get_config(arg=None):
   a = parse_arg(arg, path="", steps=1000, r=16)
-  return _lora_helpers().derive("sft_hf", f"path={a.path},steps={a.steps}", "lora", lr=2e-4,
-                                r=a.r, alpha=2.0 * a.r)
+  return derive(f"sft_hf:path={a.path},steps={a.steps}", "lora", lr=2e-4, r=a.r,
+                alpha=2.0 * a.r)

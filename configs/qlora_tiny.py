@@ -7,22 +7,11 @@ The tiny model's MLP width (352) is not a multiple of 64, so this config uses NF
 init and dequantised on the fly in every matmul; `ftjax export` merges into full precision.
 """
 
-import importlib.util
-import os
-
 from ftjax.config import parse_arg
-
-
-def _lora_helpers():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lora_tiny.py")
-  spec = importlib.util.spec_from_file_location("ftjax_configs_lora_tiny", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+from ftjax.peft.configs import derive
 
 
 def get_config(arg=None):
   a = parse_arg(arg, steps=600, init="", r=8, double_quant=False)
-  return _lora_helpers().derive("sft_tiny", f"steps={a.steps}", "qlora", lr=3e-3, init=a.init,
-                                r=a.r, alpha=2.0 * a.r, block_size=32,
-                                double_quant=a.double_quant)
+  return derive(f"sft_tiny:steps={a.steps}", "qlora", lr=3e-3, init=a.init, r=a.r,
+                alpha=2.0 * a.r, block_size=32, double_quant=a.double_quant)
