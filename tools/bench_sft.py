@@ -50,7 +50,8 @@ def run_ftjax(steps: int):
   from ftjax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
   b = BENCH
   cfg = ModelConfig(**{k: v for k, v in b.items() if k not in ("seq_len", "batch_size")},
-                    norm_eps=1e-6, rope_theta=10000.0)
+                    norm_eps=1e-6, rope_theta=10000.0,
+                    scan_unroll=BENCH["num_layers"])  # unrolled: ~8% faster on CPU, slower compile
   model = Decoder(cfg)
   params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   ocfg = ml_collections.ConfigDict(dict(lr=1e-4, weight_decay=0.0, schedule="constant"))
@@ -173,6 +174,8 @@ def main():
   speedup = result["impls"]["ftjax"]["tokens_per_s"] / result["impls"]["torch"]["tokens_per_s"]
   result["speedup"] = speedup
   print(f"ftjax / torch tokens/s: {speedup:.2f}x")
+  result["note"] = ("Times are per optimizer step (forward, backward, clipping norm, AdamW); "
+                    "loss computed from float32 logits without one-hot targets.")
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=2)
