@@ -15,27 +15,15 @@ log-probs drop too (-0.82 -> -1.62), the known DPO failure RPO's NLL term preven
 ...rpo_alpha=1.0, or --config configs/simpo_tiny.py / orpo_tiny.py / kto_tiny.py.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-from ftjax.config import parse_arg
+from ftjax.config import load_config, parse_arg
 from ftjax.data import asset_path
-
-
-def sft_config(steps: int = 600):
-  """configs/sft_tiny.py's config (configs/ is not a package, so load it by path)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sft_tiny.py")
-  spec = importlib.util.spec_from_file_location("ftjax_configs_sft_tiny", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(f"steps={steps}")
 
 
 def preference_config(a, objective: dict, kind: str = "preference"):
   """The SFT config turned into a preference run: data, objective, shorter schedule, eval."""
-  c = sft_config()
+  c = load_config("sft_tiny")
   c.init_from = a.sft
   c.data.kind = kind
   name = "kto_train.jsonl" if kind == "kto" else "preference_train.jsonl"

@@ -62,20 +62,25 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """'configs/x.py[:arg]' (a path, or a name under the repo's configs/) -> its get_config(arg).
+def config_module(name_or_path: str):
+  """The python module of a config file (a path, or a name under the repo's configs/).
 
-  configs/ is not a package; configs that derive from others and tools load them by path here.
+  configs/ is not a package; configs that build on others load them by path here.
   """
-  path, _, arg = spec.partition(":")
+  path = name_or_path
   if not os.path.exists(path):
     here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-    cand = os.path.join(here, path if path.endswith(".py") else path + ".py")
-    if not os.path.exists(cand):
-      raise FileNotFoundError(f"config {spec!r}: no such file")
-    path = cand
+    path = os.path.join(here, path if path.endswith(".py") else path + ".py")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"config {name_or_path!r}: no such file")
   name = "ftjax_config_" + os.path.splitext(os.path.basename(path))[0]
   mod_spec = importlib.util.spec_from_file_location(name, path)
   mod = importlib.util.module_from_spec(mod_spec)
   mod_spec.loader.exec_module(mod)
-  return mod.get_config(arg or None)
+  return mod
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """'configs/x.py[:arg]' or 'x[:arg]' -> that file's get_config(arg)."""
+  path, _, arg = spec.partition(":")
+  return config_module(path).get_config(arg or None)

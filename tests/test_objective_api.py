@@ -27,13 +27,9 @@ def dpo_margin(params, batch, rng, ctx):
 
 
 def test_toy_loss_trains_through_the_loop(tmp_path):
-  import importlib.util
   from ftjax import train
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", "dpo_tiny.py")
-  spec = importlib.util.spec_from_file_location("dpo_tiny_cfg", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("steps=4,sft=,lr=0.01")
+  from ftjax.config import load_config
+  c = load_config("dpo_tiny:steps=4,sft=,lr=0.01")
   c.model.update(dict(hidden_size=32, intermediate_size=64, num_layers=1))
   c.train.update(dict(batch_size=8, log_every=1))
   c.eval.update(dict(every=0))
@@ -56,16 +52,12 @@ def test_toy_loss_trains_through_the_loop(tmp_path):
 
 
 def test_shipped_preference_configs_resolve():
-  import importlib.util
   from ftjax import objectives
+  from ftjax.config import load_config
   from ftjax.models import from_config_dict
   kinds = {"dpo": "preference", "simpo": "preference", "orpo": "preference", "kto": "kto",
            "reward": "preference"}
   for name, kind in kinds.items():
-    path = os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}_tiny.py")
-    spec = importlib.util.spec_from_file_location(f"{name}_tiny_cfg", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = load_config(f"{name}_tiny")
     assert objectives.get(c.objective.name) and c.data.kind == kind and c.init_from
     assert from_config_dict(c.model).head == ("reward" if name == "reward" else "lm")
