@@ -34,6 +34,8 @@ import sys
 import time
 import types
 
+from benchlib import hf_llama, matmul_peak_flops, peak_rss_mb  # tools/ is on sys.path
+
 BENCH = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8,
              num_heads=8, num_kv_heads=4, seq_len=512, pairs=4, prompt_len=256, lora_r=16)
 if os.environ.get("BENCH_DPO_SMOKE"):  # a seconds-long run of every code path
@@ -49,11 +51,6 @@ def model_flops_per_step(lora: bool, b=BENCH):
   tokens = 2 * b["pairs"] * b["seq_len"]
   per_token = (4 if lora else 6) * n + 2 * n + 8 * l * b["seq_len"] * d // 2
   return per_token * tokens, n
-
-
-def _peak_rss_mb():
-  import resource  # pylint: disable=g-import-not-at-top
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _pairs():
@@ -76,7 +73,7 @@ def _timed(one, steps):
     t0 = time.perf_counter()
     loss = one()
     times.append(time.perf_counter() - t0)
-  return dict(step_s=statistics.median(times), compile_s=first, peak_rss_mb=_peak_rss_mb(),
+  return dict(step_s=statistics.median(times), compile_s=first, peak_rss_mb=peak_rss_mb(),
               loss=float(loss))
 
 
@@ -146,18 +143,10 @@ class _Acc:
 def run_trl(steps: int, lora: bool):
   import collections  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
   from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer  # pylint: disable=g-import-not-at-top
   from trl.trainer.utils import add_fused_lm_head  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(os.cpu_count())
   b = BENCH
-  hf_cfg = transformers.LlamaConfig(
-      vocab_size=b["vocab_size"], hidden_size=b["hidden_size"],
-      intermediate_size=b["intermediate_size"], num_hidden_layers=b["num_layers"],
-      num_attention_heads=b["num_heads"], num_key_value_heads=b["num_kv_heads"],
-      max_position_embeddings=2048, rms_norm_eps=1e-6, attn_implementation="sdpa")
-  torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(hf_cfg)
+  model = hf_llama(b)
   outputs = ("log_probs", "entropy", "mean_logits", "is_top1")  # what DPOTrainer asks for
   add_fused_lm_head(model, outputs=outputs)
   ref_model = None
@@ -190,20 +179,6 @@ def run_trl(steps: int, lora: bool):
     opt.zero_grad(set_to_none=True)
     return loss.detach()
   return _timed(one, steps)
-
-
-def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best
 
 
 def _child(impl: str, steps: int):

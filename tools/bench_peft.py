@@ -26,17 +26,14 @@ import subprocess
 import sys
 import time
 
+from benchlib import hf_llama, peak_rss_mb  # tools/ is on sys.path
+
 BENCH = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8,
              num_heads=8, num_kv_heads=4, seq_len=512, batch_size=4)
 IMPLS = ("full", "lora", "dora", "qlora", "hf_peft_lora")
 RANK = 16
 if os.environ.get("BENCH_PEFT_SMOKE"):  # a seconds-long run of every code path
   BENCH.update(num_layers=2, seq_len=64, batch_size=2, vocab_size=512)
-
-
-def _peak_rss_mb():
-  import resource  # pylint: disable=g-import-not-at-top
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _nbytes(tree):
@@ -94,16 +91,8 @@ def build_ftjax(method: str):
 def build_hf_peft():
   import peft  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(os.cpu_count())
   b = BENCH
-  hf_cfg = transformers.LlamaConfig(
-      vocab_size=b["vocab_size"], hidden_size=b["hidden_size"],
-      intermediate_size=b["intermediate_size"], num_hidden_layers=b["num_layers"],
-      num_attention_heads=b["num_heads"], num_key_value_heads=b["num_kv_heads"],
-      max_position_embeddings=2048, rms_norm_eps=1e-6, attn_implementation="sdpa")
-  torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(hf_cfg)
+  model = hf_llama(b)
   model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=2 * RANK,
                                                      target_modules="all-linear")).train()
   params = [p for p in model.parameters() if p.requires_grad]
@@ -144,7 +133,7 @@ def _child(impl: str, steps: int):
   compile_s = time.perf_counter() - t0
   times, loss = _timed(one, steps)
   res = dict(info, step_s=statistics.median(times), compile_s=compile_s,
-             peak_rss_mb=_peak_rss_mb(), loss=loss)
+             peak_rss_mb=peak_rss_mb(), loss=loss)
   print("RESULT " + json.dumps(res), flush=True)
 
 

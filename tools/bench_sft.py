@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from benchlib import hf_llama, matmul_peak_flops, peak_rss_mb  # tools/ is on sys.path
+
 BENCH = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8,
              num_heads=8, num_kv_heads=4, seq_len=512, batch_size=4)
 
@@ -31,11 +33,6 @@ def model_flops_per_step(b=BENCH):
   tokens = b["batch_size"] * b["seq_len"]
   attn = 6 * l * b["seq_len"] * d * tokens  # causal: half of 12 * L * T * d
   return 6 * n * tokens + attn, n
-
-
-def _peak_rss_mb():
-  import resource  # pylint: disable=g-import-not-at-top
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_ftjax(steps: int):
@@ -74,22 +71,14 @@ def run_ftjax(steps: int):
     state, m = step(state, {}, batch)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t0)
-  return dict(step_s=statistics.median(times), compile_s=compile_s, peak_rss_mb=_peak_rss_mb(),
+  return dict(step_s=statistics.median(times), compile_s=compile_s, peak_rss_mb=peak_rss_mb(),
               loss=float(m["train_loss"][0]))
 
 
 def run_torch(steps: int):
   import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(os.cpu_count())
   b = BENCH
-  hf_cfg = transformers.LlamaConfig(
-      vocab_size=b["vocab_size"], hidden_size=b["hidden_size"],
-      intermediate_size=b["intermediate_size"], num_hidden_layers=b["num_layers"],
-      num_attention_heads=b["num_heads"], num_key_value_heads=b["num_kv_heads"],
-      max_position_embeddings=2048, rms_norm_eps=1e-6, attn_implementation="sdpa")
-  torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(hf_cfg).train()
+  model = hf_llama(b).train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
   g = torch.Generator().manual_seed(0)
   toks = torch.randint(0, b["vocab_size"], (b["batch_size"], b["seq_len"]), generator=g)
@@ -109,22 +98,8 @@ def run_torch(steps: int):
     t0 = time.perf_counter()
     loss = one()
     times.append(time.perf_counter() - t0)
-  return dict(step_s=statistics.median(times), compile_s=first, peak_rss_mb=_peak_rss_mb(),
+  return dict(step_s=statistics.median(times), compile_s=first, peak_rss_mb=peak_rss_mb(),
               loss=float(loss))
-
-
-def matmul_peak_flops(n: int = 2048, reps: int = 5) -> float:
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best
 
 
 def _child(impl: str, steps: int):
