@@ -8,23 +8,15 @@ the batch is one global jax.Array).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from ftjax.objectives import ObjectiveContext
-
-
-def merge_params(trainable, frozen):
-  """Union of two nested dicts with disjoint leaves (trainable wins where both exist)."""
-  if not isinstance(trainable, dict) or not isinstance(frozen, dict):
-    return trainable if trainable is not None else frozen
-  out = dict(frozen)
-  for k, v in trainable.items():
-    out[k] = merge_params(v, frozen[k]) if k in frozen else v
-  return out
+# Union of two nested dicts with disjoint leaves (the trainable/frozen halves of the params).
+from ftjax.peft.tree import merge_trainable as merge_params  # pylint: disable=unused-import
 
 
 def _add(a, b):
