@@ -44,8 +44,6 @@ def test_messages_match_apply_chat_template(template, bos, tmp_path):
   assert 0 < mask.sum() < len(mask)
 
 
-@pytest.mark.xfail(reason="ftjax.data prepends bos when the template does not render it; "
-                   "apply_chat_template does not (data pipeline's choice, reported)")
 def test_chatml_with_tokenizer_bos(tmp_path):
   tok = _tokenizer(tmp_path, CHATML, bos=True)
   ref = tok.apply_chat_template(MESSAGES, tokenize=True)

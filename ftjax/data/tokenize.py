@@ -146,7 +146,7 @@ def encode_prompt(tok, example: Dict[str, Any]) -> List[int]:
   if msgs[-1]["role"] == "assistant" and len(msgs) > loss_from:
     ids, _, starts = encode_messages(tok, msgs, where, loss_from)
     return [int(i) for i in ids[:starts[0 if loss_from else -1]]]
-  return _with_bos(tok, _text_ids(tok, _render(tok, msgs, True, where)))
+  return _text_ids(tok, _render(tok, msgs, True, where))
 
 
 def _messages(msgs, where: str, field: str) -> List[Dict[str, str]]:
@@ -216,12 +216,11 @@ def encode_messages(tok, msgs, where: str, loss_from: int = 0):
   full = _render(tok, msgs, False, where)
   ids, tspans = _token_spans(tok, full, _assistant_spans(tok, msgs, full, where, loss_from),
                              where)
-  with_bos = _with_bos(tok, ids)
-  shift = len(with_bos) - len(ids)
-  mask = np.zeros(len(with_bos), np.int32)
+  # The chat template is the authority on bos: exactly what apply_chat_template renders.
+  mask = np.zeros(len(ids), np.int32)
   for a, b in tspans:
-    mask[shift + a:shift + b] = 1
-  return np.asarray(with_bos, np.int32), mask, [shift + a for a, _ in tspans]
+    mask[a:b] = 1
+  return np.asarray(ids, np.int32), mask, [a for a, _ in tspans]
 
 
 def apply_length_policy(enc: Encoded, max_length: int, policy: str, where: str):
