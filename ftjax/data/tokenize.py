@@ -168,12 +168,6 @@ def _render(tok, msgs, gen: bool, where: str) -> str:
   return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
 
-def _with_bos(tok, ids: List[int]) -> List[int]:
-  """Prepends bos unless the template already rendered it."""
-  bos = _bos(tok)
-  return ids if not bos or (ids and ids[0] == bos[0]) else bos + ids
-
-
 def _assistant_spans(tok, msgs, full: str, where: str, loss_from: int):
   """Char spans [start, end) of assistant turns in `full`, via rendered prefixes."""
   spans = []
