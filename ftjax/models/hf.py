@@ -254,6 +254,30 @@ def _save_tokenizer(tokenizer, out_dir: str):
     tokenizer.save_pretrained(out_dir)
 
 
+def export_plan(table, flat, dtype=None):
+  """([(hf name, np dtype, hf shape)] sorted by name, generator of those arrays in order).
+
+  table: weight rules (hf_weights); flat: flattened ftjax params. Arrays leave the device one
+  at a time, converted to HF layout (transposes, fused splits) and to `dtype` if given.
+  """
+  out_dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else None
+  items = []
+  for rule in table:
+    shape = _hf_shape(rule, flat, len(rule.placeholders))
+    dt = out_dtype or np.dtype(flat[rule.paths[0]].dtype)
+    for name, idx in _indices(rule, flat[rule.paths[0]].shape):
+      items.append((name, dt, shape, rule, idx))
+  items.sort(key=lambda x: x[0])
+
+  def produce():
+    for _, dt, _, rule, idx in items:
+      parts = [np.asarray(flat[p][idx] if idx else flat[p]) for p in rule.paths]
+      arr = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+      arr = _to_from_hf(arr, rule.kind)
+      yield np.ascontiguousarray(arr.astype(dt, copy=False))
+  return [(n, d, shp) for n, d, shp, _, _ in items], produce
+
+
 def export_hf(params, cfg: ModelConfig, out_dir: str, tokenizer=None,
               shard_size_bytes: int = DEFAULT_SHARD_BYTES, *, base_config=None,
               dtype=None) -> str:
@@ -268,30 +292,13 @@ def export_hf(params, cfg: ModelConfig, out_dir: str, tokenizer=None,
   params = nn.unbox(params)
   flat = traverse_util.flatten_dict(params)
   table, _ = _plan(cfg, flat, f"export to {out_dir}")
-  out_dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else None
-  items = []
-  for rule in table:
-    n_lead = len(rule.placeholders)
-    shape = _hf_shape(rule, flat, n_lead)
-    dt = out_dtype or np.dtype(flat[rule.paths[0]].dtype)
-    for name, idx in _indices(rule, flat[rule.paths[0]].shape):
-      items.append((name, dt, shape, rule, idx))
-  items.sort(key=lambda x: x[0])
-
-  def produce():
-    for _, dt, _, rule, idx in items:
-      parts = [np.asarray(flat[p][idx] if idx else flat[p]) for p in rule.paths]
-      arr = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
-      arr = _to_from_hf(arr, rule.kind)
-      yield np.ascontiguousarray(arr.astype(dt, copy=False))
-
+  items, produce = export_plan(table, flat, dtype)
   os.makedirs(out_dir, exist_ok=True)
   # config.json states the dtype actually written, whatever cfg.param_dtype says.
   exp_cfg = cfg.replace(param_dtype=items[0][1].name)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(_export_config(exp_cfg, base_config, tokenizer), f, indent=2, sort_keys=True)
-  hf_io.write_checkpoint(out_dir, [(n, d, s) for n, d, s, _, _ in items], produce(),
-                         shard_size_bytes)
+  hf_io.write_checkpoint(out_dir, items, produce(), shard_size_bytes)
   _save_tokenizer(tokenizer, out_dir)
   if base_config is not None and isinstance(base_config, (str, os.PathLike)):
     src = os.path.join(os.fspath(base_config), "generation_config.json")

@@ -87,7 +87,6 @@ def export_reward_hf(params, cfg, out_dir: str, tokenizer=None, *, pad_token_id:
   """
   import json  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   from ftjax.models import hf, hf_io  # pylint: disable=g-import-not-at-top
   flat = traverse_util.flatten_dict(nn.unbox(params))
@@ -97,29 +96,14 @@ def export_reward_hf(params, cfg, out_dir: str, tokenizer=None, *, pad_token_id:
     raise ValueError(f"export_reward_hf: params do not match a reward model "
                      f"(extra {sorted(map('/'.join, set(flat) - covered))[:4]}, "
                      f"missing {sorted(map('/'.join, covered - set(flat)))[:4]})")
-  items = []
-  for rule in rules:
-    n_lead = len(rule.placeholders)
-    shape = hf._hf_shape(rule, flat, n_lead)  # pylint: disable=protected-access
-    dt = np.dtype(jnp.dtype(dtype)) if dtype else np.dtype(flat[rule.paths[0]].dtype)
-    for name, idx in hf._indices(rule, flat[rule.paths[0]].shape):  # pylint: disable=protected-access
-      items.append((name, dt, shape, rule, idx))
-  items.sort(key=lambda x: x[0])
-
-  def produce():
-    for _, dt, _, rule, idx in items:
-      parts = [np.asarray(flat[p][idx] if idx else flat[p]) for p in rule.paths]
-      arr = np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
-      yield np.ascontiguousarray((arr.T if rule.kind == "linear" else arr).astype(dt))
-
+  items, produce = hf.export_plan(rules, flat, dtype)
   os.makedirs(out_dir, exist_ok=True)
   d = hf._export_config(cfg, None, tokenizer)  # pylint: disable=protected-access
   d.update(architectures=[_architecture(cfg)], num_labels=1, pad_token_id=int(pad_token_id),
            id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(d, f, indent=2, sort_keys=True)
-  hf_io.write_checkpoint(out_dir, [(n, dt, s) for n, dt, s, _, _ in items], produce(),
-                         hf.DEFAULT_SHARD_BYTES)
+  hf_io.write_checkpoint(out_dir, items, produce(), hf.DEFAULT_SHARD_BYTES)
   hf._save_tokenizer(tokenizer, out_dir)  # pylint: disable=protected-access
   return out_dir
 
