@@ -97,6 +97,50 @@ def _validate(config, mesh, rules):
   return accum
 
 
+def _batch_putters(mesh, rules, accum: int):
+  """Host batches -> global arrays: train [accum, micro, ...], eval [batch, ...]."""
+  batch_axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
+  train_sharding = NamedSharding(mesh, P(None, batch_axes))
+  eval_sharding = NamedSharding(mesh, P(batch_axes))
+
+  def put_train(b):
+    local = {k: np.asarray(v).reshape((accum, -1) + np.asarray(v).shape[1:])
+             for k, v in b.items()}
+    return jax.make_array_from_process_local_data(train_sharding, local)
+
+  def put_eval(b):
+    return jax.make_array_from_process_local_data(
+        eval_sharding, {k: np.asarray(v) for k, v in b.items()})
+  return put_train, put_eval
+
+
+def _make_eval(config, model, tokenizer, jeval, put_eval, wrap, ref):
+  """run_eval(params, frozen) -> held-out objective metrics and greedy exact match."""
+  from ftjax import data  # pylint: disable=g-import-not-at-top
+  ec = config.eval
+  eval_batch = int(ec.get("batch_size", config.train.batch_size))
+  kind = config.data.get("kind", "sft")
+  gen_examples = []
+  if ec.get("exact_match_examples", 0) and kind != "kto":
+    rows = data.load_examples(config.data, "eval")
+    if kind == "preference":  # the answer is the chosen completion
+      rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    gen_examples = evaluate.sample_examples(rows, int(ec.exact_match_examples))
+
+  def run_eval(params, frozen):
+    out = {}
+    if ec.get("batches", 0):
+      out.update(evaluate.eval_loss(
+          jeval, params, frozen,
+          lambda: wrap(_data_iter(config, tokenizer, "eval", eval_batch, 0, epochs=1), "eval"),
+          put_eval, int(ec.batches), ref))
+    if gen_examples:
+      out.update(evaluate.exact_match(model, params, frozen, tokenizer, gen_examples,
+                                      max_new_tokens=int(ec.get("max_new_tokens", 16))))
+    return out
+  return run_eval
+
+
 def run(config, workdir: str) -> Dict[str, Any]:
   """Trains per `config`, resuming from `workdir` if it has checkpoints. Returns a summary."""
   _check_workdir(workdir)
@@ -153,41 +197,10 @@ def run(config, workdir: str) -> Dict[str, Any]:
       it.set_state(data_state)
       _log(f"resumed from step {start} ({workdir})")
 
-    batch_axes = nn.logical_to_mesh_axes(("batch",), rules)[0]
-    train_sharding = NamedSharding(mesh, P(None, batch_axes))
-    eval_sharding = NamedSharding(mesh, P(batch_axes))
-
-    def put_train(b):
-      local = {k: np.asarray(v).reshape((accum, -1) + np.asarray(v).shape[1:])
-               for k, v in b.items()}
-      return jax.make_array_from_process_local_data(train_sharding, local)
-
-    def put_eval(b):
-      return jax.make_array_from_process_local_data(
-          eval_sharding, {k: np.asarray(v) for k, v in b.items()})
-
+    put_train, put_eval = _batch_putters(mesh, rules, accum)
     jstep = jax.jit(step_fn, donate_argnums=(0,))
-    jeval = jax.jit(eval_fn)
     ec = config.eval
-    eval_batch = int(ec.get("batch_size", tc.batch_size))
-    gen_examples = []
-    if ec.get("exact_match_examples", 0) and config.data.get("kind", "sft") != "kto":
-      rows = data.load_examples(config.data, "eval")
-      if config.data.get("kind", "sft") == "preference":  # the answer is the chosen completion
-        rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
-      gen_examples = evaluate.sample_examples(rows, int(ec.exact_match_examples))
-
-    def run_eval(params, frozen_):
-      out = {}
-      if ec.get("batches", 0):
-        out.update(evaluate.eval_loss(
-            jeval, params, frozen_,
-            lambda: wrap(_data_iter(config, tokenizer, "eval", eval_batch, 0, epochs=1), "eval"),
-            put_eval, int(ec.batches), ref))
-      if gen_examples:
-        out.update(evaluate.exact_match(model, params, frozen_, tokenizer, gen_examples,
-                                        max_new_tokens=int(ec.get("max_new_tokens", 16))))
-      return out
+    run_eval = _make_eval(config, model, tokenizer, jax.jit(eval_fn), put_eval, wrap, ref)
 
     writer = MetricWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
     summary: Dict[str, Any] = {"start_step": start}
