@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ftjax.objectives import register
+from ftjax.objectives import moe_aux, register
 from ftjax.objectives import preference as pref
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair",
@@ -97,4 +97,5 @@ def dpo(params, batch, rng, ctx):
   correct_c, _ = pref.halves(pol["correct"])
   mask_c, _ = pref.halves(pol["mask"])
   metrics["mean_token_accuracy"] = ((correct_c * mask_c).sum(), mask_c.sum())
+  loss_sum, metrics = moe_aux.add_terms(loss_sum, num_pairs, pol.get("moe_aux"), ctx, metrics)
   return (loss_sum, num_pairs), metrics

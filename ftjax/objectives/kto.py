@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ftjax.objectives import register
+from ftjax.objectives import moe_aux, register
 from ftjax.objectives import preference as pref
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -71,7 +71,9 @@ def kto(params, batch, rng, ctx):
                       desirable_weight=float(cfg.get("desirable_weight", 1.0)),
                       undesirable_weight=float(cfg.get("undesirable_weight", 1.0)))
   metrics = _metrics(pol, b, labels, beta * logratios, kl, w)
-  return ((w * losses).sum(), w.sum()), metrics
+  loss_sum, metrics = moe_aux.add_terms((w * losses).sum(), w.sum(), pol.get("moe_aux"), ctx,
+                                       metrics)
+  return (loss_sum, w.sum()), metrics
 
 
 def _metrics(pol, b, labels, rewards, kl, w):

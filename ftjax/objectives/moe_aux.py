@@ -28,9 +28,14 @@ MAX_LOAD_METRICS = 64
 
 def forward(ctx, params, batch, prefix: str = "", **kw):
   """(logits [B, T, V] float32, aux dict or None) — see `ftjax.models.moe.collect_aux`."""
-  if not getattr(ctx.model.cfg, "num_experts", 0):
-    return _forward(ctx.model, params, batch, prefix, **kw), None
-  logits, variables = _forward(ctx.model, params, batch, prefix, mutable=["aux"], **kw)
+  return forward_model(ctx.model, params, batch, prefix, **kw)
+
+
+def forward_model(model, params, batch, prefix: str = "", **kw):
+  """`forward` for callers holding the model rather than an ObjectiveContext."""
+  if not getattr(getattr(model, "cfg", None), "num_experts", 0):
+    return _forward(model, params, batch, prefix, **kw), None
+  logits, variables = _forward(model, params, batch, prefix, mutable=["aux"], **kw)
   return logits, collect_aux(variables.get("aux", {}))
 
 

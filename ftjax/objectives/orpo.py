@@ -16,7 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from ftjax.objectives import register
+from ftjax.objectives import moe_aux, register
 from ftjax.objectives import preference as pref
 
 
@@ -58,4 +58,5 @@ def orpo(params, batch, rng, ctx):
       "log_odds_ratio": (sg(w * ratio).sum(), b),
       "log_odds_chosen": (sg(w * log_odds).sum(), b),
   })
+  loss_sum, metrics = moe_aux.add_terms(loss_sum, b, pol.get("moe_aux"), ctx, metrics)
   return (loss_sum, b), metrics

@@ -88,7 +88,8 @@ def sequence_stats(model, params, rows, *, with_logits: bool = True) -> Dict[str
   with_logits: logits_sum [N], the sum over completion tokens of the vocab-mean logit (TRL's
   `mean_logits`, no gradient), and correct [N, T] (argmax == target).
   """
-  logits = forward(model, params, rows)
+  from ftjax.objectives import moe_aux  # pylint: disable=g-import-not-at-top
+  logits, aux = moe_aux.forward_model(model, params, rows)
   logp, correct = token_logps(logits, rows["targets"])
   mask = rows["loss_mask"].astype(jnp.float32)
   # Every real target (prompt + completion), for ORPO's full-sequence NLL: position t is a real
@@ -98,6 +99,8 @@ def sequence_stats(model, params, rows, *, with_logits: bool = True) -> Dict[str
   valid = (seg > 0) & (nxt == seg)
   out = {"logps": (logp * mask).sum(-1), "counts": mask.sum(-1), "token_logps": logp,
          "mask": mask, "valid": valid.astype(jnp.float32)}
+  if aux is not None:  # MoE router terms; objectives add them with moe_aux.add_terms
+    out["moe_aux"] = aux
   if with_logits:
     mean_logits = jax.lax.stop_gradient(logits.mean(-1))
     out["logits_sum"] = (mean_logits * mask).sum(-1)

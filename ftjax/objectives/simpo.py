@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ftjax.objectives import register
+from ftjax.objectives import moe_aux, register
 from ftjax.objectives import preference as pref
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
@@ -64,6 +64,7 @@ def _objective(params, batch, ctx, loss_type: str, cpo_alpha: float):
     loss_sum = loss_sum + cpo_alpha * num_pairs * nll_sum / jnp.maximum(nll_count, 1.0)
   metrics = pref.pair_metrics(pol, beta * lp_c, beta * lp_r, logps=logps, w=w)
   metrics["nll_loss"] = (jax.lax.stop_gradient(nll_sum), nll_count)
+  loss_sum, metrics = moe_aux.add_terms(loss_sum, num_pairs, pol.get("moe_aux"), ctx, metrics)
   return (loss_sum, num_pairs), metrics
 
 
