@@ -29,12 +29,9 @@ import copy
 import json
 import os
 import statistics
-import subprocess
-import sys
-import time
 import types
 
-from benchlib import hf_llama, matmul_peak_flops, peak_rss_mb  # tools/ is on sys.path
+from benchlib import hf_llama, matmul_peak_flops, spawn, timed  # tools/ is on sys.path
 
 BENCH = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8,
              num_heads=8, num_kv_heads=4, seq_len=512, pairs=4, prompt_len=256, lora_r=16)
@@ -62,19 +59,6 @@ def _pairs():
            "chosen_ids": rs.integers(1, b["vocab_size"], comp).tolist(),
            "rejected_ids": rs.integers(1, b["vocab_size"], comp).tolist()}
           for _ in range(b["pairs"])]
-
-
-def _timed(one, steps):
-  t0 = time.perf_counter()
-  one()
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    loss = one()
-    times.append(time.perf_counter() - t0)
-  return dict(step_s=statistics.median(times), compile_s=first, peak_rss_mb=peak_rss_mb(),
-              loss=float(loss))
 
 
 def run_ftjax(steps: int, lora: bool):
@@ -127,7 +111,7 @@ def run_ftjax(steps: int, lora: bool):
   def one():
     box[0], m = step(box[0], frozen, batch, ref)
     return jax.block_until_ready(m["train_loss"][0])
-  return _timed(one, steps)
+  return timed(one, steps)
 
 
 class _Acc:
@@ -178,7 +162,7 @@ def run_trl(steps: int, lora: bool):
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.detach()
-  return _timed(one, steps)
+  return timed(one, steps)
 
 
 def _child(impl: str, steps: int):
@@ -191,12 +175,7 @@ def _child(impl: str, steps: int):
 
 
 def _spawn(impl: str, steps: int) -> dict:
-  out = subprocess.run([sys.executable, __file__, "--child", impl, "--steps", str(steps)],
-                       capture_output=True, text=True, check=False)
-  for line in out.stdout.splitlines():
-    if line.startswith("RESULT "):
-      return json.loads(line[7:])
-  raise RuntimeError(f"{impl} benchmark failed:\n{out.stderr[-3000:]}")
+  return spawn(__file__, "--child", impl, "--steps", str(steps))
 
 
 def main():

@@ -22,11 +22,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
-from benchlib import hf_llama, peak_rss_mb  # tools/ is on sys.path
+from benchlib import hf_llama, peak_rss_mb, spawn  # tools/ is on sys.path
 
 BENCH = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8,
              num_heads=8, num_kv_heads=4, seq_len=512, batch_size=4)
@@ -151,12 +149,7 @@ def alternate(impls, rounds: int, steps: int) -> dict:
 
 
 def _spawn(child, *extra) -> dict:
-  out = subprocess.run([sys.executable, __file__, "--child", *child, *extra],
-                       capture_output=True, text=True, check=False)
-  for line in out.stdout.splitlines():
-    if line.startswith("RESULT "):
-      return json.loads(line[7:])
-  raise RuntimeError(f"{child} benchmark failed:\n{out.stderr[-3000:]}")
+  return spawn(__file__, "--child", *child, *extra)
 
 
 def main():

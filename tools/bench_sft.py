@@ -15,11 +15,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
-from benchlib import hf_llama, matmul_peak_flops, peak_rss_mb  # tools/ is on sys.path
+from benchlib import hf_llama, matmul_peak_flops, peak_rss_mb, spawn, timed  # tools/ is on sys.path
 
 BENCH = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8,
              num_heads=8, num_kv_heads=4, seq_len=512, batch_size=4)
@@ -90,16 +88,7 @@ def run_torch(steps: int):
     opt.step()
     opt.zero_grad(set_to_none=True)
     return out.loss
-  t0 = time.perf_counter()
-  one()
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    loss = one()
-    times.append(time.perf_counter() - t0)
-  return dict(step_s=statistics.median(times), compile_s=first, peak_rss_mb=peak_rss_mb(),
-              loss=float(loss))
+  return timed(one, steps)
 
 
 def _child(impl: str, steps: int):
@@ -108,12 +97,7 @@ def _child(impl: str, steps: int):
 
 
 def _spawn(impl: str, steps: int) -> dict:
-  out = subprocess.run([sys.executable, __file__, "--child", impl, "--steps", str(steps)],
-                       capture_output=True, text=True, check=False)
-  for line in out.stdout.splitlines():
-    if line.startswith("RESULT "):
-      return json.loads(line[7:])
-  raise RuntimeError(f"{impl} benchmark failed:\n{out.stderr[-3000:]}")
+  return spawn(__file__, "--child", impl, "--steps", str(steps))
 
 
 def main():

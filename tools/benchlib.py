@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import statistics
+import subprocess
+import sys
 import time
 
 
@@ -38,3 +42,28 @@ def hf_llama(b: dict):
       max_position_embeddings=2048, rms_norm_eps=1e-6, attn_implementation="sdpa")
   torch.manual_seed(0)
   return transformers.LlamaForCausalLM(hf_cfg)
+
+
+def timed(one, steps: int) -> dict:
+  """Runs one() once (compile / warm-up), then `steps` timed times; median step seconds."""
+  t0 = time.perf_counter()
+  one()
+  first = time.perf_counter() - t0
+  times = []
+  loss = None
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    loss = one()
+    times.append(time.perf_counter() - t0)
+  return dict(step_s=statistics.median(times), compile_s=first, peak_rss_mb=peak_rss_mb(),
+              loss=float(loss))
+
+
+def spawn(script: str, *args: str) -> dict:
+  """Runs `python script *args` in a fresh process (its own peak RSS); parses its RESULT line."""
+  out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                       check=False)
+  for line in out.stdout.splitlines():
+    if line.startswith("RESULT "):
+      return json.loads(line[7:])
+  raise RuntimeError(f"{script} {' '.join(args)} failed:\n{out.stderr[-3000:]}")
