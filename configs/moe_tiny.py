@@ -12,24 +12,16 @@ moe_load/layerL_expertE. Variants on the arg:
   --config configs/moe_tiny.py:steps=100,aux=0,dispatch=capacity,capacity_factor=1.25
 """
 
-from ftjax.config import base_config, parse_arg
+from ftjax.config import load_config, parse_arg
 
 
 def get_config(arg=None):
   a = parse_arg(arg, steps=600, aux=0.01, z=0.001, experts=8, top_k=2, dispatch="dropless",
                 capacity_factor=1.25)
-  c = base_config()
-  c.model.update(dict(vocab_size=128, hidden_size=128, intermediate_size=352, num_layers=4,
-                      num_heads=4, num_kv_heads=2, max_position_embeddings=256, family="mixtral",
-                      num_experts=a.experts, num_experts_per_tok=a.top_k,
-                      moe_intermediate_size=352 // a.top_k, moe_dispatch=a.dispatch,
-                      moe_capacity_factor=a.capacity_factor))
+  c = load_config(f"sft_tiny:steps={a.steps}")  # same data, width, schedule and eval
+  c.model.update(dict(family="mixtral", num_experts=a.experts, num_experts_per_tok=a.top_k,
+                      moe_intermediate_size=c.model.intermediate_size // a.top_k,
+                      moe_dispatch=a.dispatch, moe_capacity_factor=a.capacity_factor))
   c.objective.moe_aux_coef = a.aux
   c.objective.moe_z_coef = a.z
-  c.data.packing = True
-  c.train.update(dict(steps=a.steps, batch_size=32, seq_len=64, log_every=20))
-  c.optim.update(dict(lr=3e-3, warmup_steps=30, schedule="cosine", weight_decay=0.01))
-  c.eval.update(dict(every=max(a.steps // 3, 1), batches=4, batch_size=32,
-                     exact_match_examples=200, max_new_tokens=5))
-  c.checkpoint.update(dict(every=200, keep=2))
   return c

@@ -9,20 +9,17 @@ dense MLP, renormalised top-2 weights sum to 1), so the first loss equals the de
 loss; training then adds the router terms (moe_aux_coef, moe_z_coef) and specialises experts.
 """
 
-from ftjax.config import base_config, parse_arg
+from ftjax.config import load_config, parse_arg
 
 
 def get_config(arg=None):
   a = parse_arg(arg, src="runs/sft_tiny_moe8", steps=200, aux=0.01, z=0.001)
-  c = base_config()
-  c.model.hf_path = a.src  # architecture (Mixtral) + upcycled weights
+  c = load_config(f"sft_tiny:steps={a.steps}")  # same data and eval as the dense run
+  c.model.hf_path = a.src  # architecture (Mixtral) + upcycled weights; size fields are ignored
   c.data.tokenizer = a.src  # `ftjax upcycle` copies the tokenizer next to the weights
   c.objective.moe_aux_coef = a.aux
   c.objective.moe_z_coef = a.z
-  c.data.packing = True
-  c.train.update(dict(steps=a.steps, batch_size=32, seq_len=64, log_every=20))
-  c.optim.update(dict(lr=1e-3, warmup_steps=10, schedule="cosine", weight_decay=0.01))
-  c.eval.update(dict(every=max(a.steps // 2, 1), batches=4, batch_size=32,
-                     exact_match_examples=200, max_new_tokens=5))
+  c.optim.update(dict(lr=1e-3, warmup_steps=10))
+  c.eval.every = max(a.steps // 2, 1)
   c.checkpoint.update(dict(every=0, keep=1))
   return c

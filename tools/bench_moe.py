@@ -16,7 +16,6 @@ share x E: 1.0 is perfect balance, 8.0 means one expert takes everything).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -83,20 +82,13 @@ def bench_block(tokens: int, hidden: int, expert_width: int, iters: int):
   return rows
 
 
-def _load_config(name: str, arg: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", name + ".py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
-
-
 def bench_balance(steps: int, dispatch: str):
   from ftjax import train  # pylint: disable=g-import-not-at-top
+  from ftjax.config import load_config  # pylint: disable=g-import-not-at-top
   rows = []
   for aux in (0.0, 0.01):
     # capacity factor 2: (almost) nothing dropped, so routing is what the router wants.
-    c = _load_config("moe_tiny",
-                     f"steps={steps},aux={aux},dispatch={dispatch},capacity_factor=2.0")
+    c = load_config(f"moe_tiny:steps={steps},aux={aux},dispatch={dispatch},capacity_factor=2.0")
     c.eval.update(dict(every=0, exact_match_examples=0))
     c.checkpoint.every = 0
     c.train.log_every = steps
