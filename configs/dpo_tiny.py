@@ -12,7 +12,11 @@ Measured (2 shared CPU cores, SFT run at exact match 0.63): rewards/accuracies 0
 match 0.63 -> 0.645 with these defaults (RPO: rpo_alpha=1 adds the chosen NLL, lr 5e-5). Plain
 DPO (rpo_alpha=0, lr 2e-4) reached 0.84 accuracy but exact match fell to 0.445: the chosen
 log-probs drop too (-0.82 -> -1.62), the known DPO failure RPO's NLL term prevents. Variants: --config.objective.loss_type=ipo (any TRL DPO loss type), ...beta=0.3,
-...rpo_alpha=1.0, or --config configs/simpo_tiny.py / orpo_tiny.py / kto_tiny.py.
+...rpo_alpha=1.0, or --config configs/simpo_tiny.py / orpo_tiny.py / kto_tiny.py. TRL's multi-loss
+combinations: "--config.objective.loss_type=('sigmoid','bco_pair','sft')"
+"--config.objective.loss_weights=(0.8,0.2,1.0)" (MPO; no weights = all 1); f-DPO:
+--config.objective.f_divergence_type=js_divergence (or forward_kl, alpha_divergence with
+...f_alpha_divergence_coef).
 """
 
 import ml_collections
@@ -45,5 +49,6 @@ def preference_config(a, objective: dict, kind: str = "preference"):
 def get_config(arg=None):
   a = parse_arg(arg, steps=150, sft="runs/sft_tiny", lr=5e-5, beta=0.1, rpo_alpha=1.0)
   return preference_config(a, dict(
-      name="dpo", loss_type="sigmoid", beta=a.beta, label_smoothing=0.0,
-      rpo_alpha=a.rpo_alpha, reference="copy"))
+      name="dpo", loss_type=("sigmoid",), loss_weights=(), beta=a.beta, label_smoothing=0.0,
+      rpo_alpha=a.rpo_alpha, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5,
+      discopop_tau=0.05, reference="copy"))

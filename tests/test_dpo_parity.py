@@ -5,6 +5,8 @@ computes its per-token log-probs from the same logits ftjax's fake model returns
 reference log-probs (`precompute_ref_log_probs` path). Loss and every logged metric must match.
 """
 
+import types
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,12 +19,14 @@ from ftjax.objectives import dpo as dpo_lib
 from ftjax.objectives import get
 
 
-def _trl_dpo(logits, ids, attn, comp, ref_c, ref_r, loss_types, weights, beta, ls):
+def _trl_dpo(logits, ids, attn, comp, ref_c, ref_r, loss_types, weights, beta, ls,
+             f_div="reverse_kl", f_alpha=0.5, tau=0.05):
   fake = lib.TorchFused([(torch.tensor(ids), torch.tensor(logits))]).train()
   t = lib.trainer_shell(
       DPOTrainer, model=fake, ld_alpha=None, precompute_ref_logps=True,
-      f_divergence_type="reverse_kl", loss_types=loss_types, loss_weights=weights, beta=beta,
-      label_smoothing=ls, use_weighting=False)
+      f_divergence_type=f_div, f_alpha_divergence_coef=f_alpha, loss_types=loss_types,
+      loss_weights=weights, beta=beta, label_smoothing=ls, use_weighting=False,
+      args=types.SimpleNamespace(discopop_tau=tau))
   inputs = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(attn),
             "completion_mask": torch.tensor(comp), "ref_chosen_logps": torch.tensor(ref_c),
             "ref_rejected_logps": torch.tensor(ref_r)}
@@ -37,21 +41,89 @@ def _ours(batch, logits, ref_c, ref_r, **cfg):
   return float(s / n), lib.finalize(m)
 
 
+def _refs(seed=2, b=4):
+  rs = np.random.RandomState(seed)
+  return ((rs.randn(b) * 3 - 12).astype(np.float32), (rs.randn(b) * 3 - 12).astype(np.float32))
+
+
+# label_smoothing where the loss reads it ('sigmoid' keeps ftjax's cDPO smoothing: tested apart).
+_LS = {"robust": 0.1, "exo_pair": 1e-2, "aot": 0.1, "aot_unpaired": 0.05}
+
+
 @pytest.mark.parametrize("loss_type", dpo_lib.LOSS_TYPES)
 def test_dpo_loss_types_match_trl(loss_type):
   batch, (ids, attn, comp), logits = lib.paired_batch(seed=1)
-  rs = np.random.RandomState(2)
-  ref_c = (rs.randn(4) * 3 - 12).astype(np.float32)
-  ref_r = (rs.randn(4) * 3 - 12).astype(np.float32)
-  ls = 0.1 if loss_type == "robust" else 0.0
-  want, want_m = _trl_dpo(logits, ids, attn, comp, ref_c, ref_r, [loss_type], [1.0], 0.1, ls)
+  ref_c, ref_r = _refs()
+  ls = _LS.get(loss_type, 0.0)
+  want, want_m = _trl_dpo(logits, ids, attn, comp, ref_c, ref_r, [loss_type], [1.0], 0.1, ls,
+                          tau=0.3)
   got, got_m = _ours(batch, logits, ref_c, ref_r, loss_type=loss_type, beta=0.1,
-                     label_smoothing=ls)
+                     label_smoothing=ls, discopop_tau=0.3)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   for k in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
             "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected",
             "mean_token_accuracy"):
     np.testing.assert_allclose(got_m[k], want_m[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("f_div, f_alpha", [
+    ("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.3),
+    ("alpha_divergence", 1.0)])
+@pytest.mark.parametrize("loss_type", dpo_lib.F_DIVERGENCE_LOSSES)
+def test_f_divergences_match_trl(loss_type, f_div, f_alpha):
+  batch, (ids, attn, comp), logits = lib.paired_batch(seed=8)
+  # Reference = policy logps + N(0, 1): log-ratios of order 1 keep forward_kl's exp(-lr) and the
+  # alpha-divergence's exp((α-1) lr) in a range where float32 rtol 1e-5 is fair.
+  pol = np.asarray(dpo_lib.pref.sequence_stats(
+      lib.FakeModel(), {"logits": jnp.asarray(logits)},
+      dpo_lib.pref.concat_rows(batch, ("chosen_", "rejected_")))["logps"])
+  rs = np.random.RandomState(10)
+  ref_c, ref_r = pol[:4] - rs.randn(4).astype(np.float32), pol[4:] - rs.randn(4).astype(np.float32)
+  ls = _LS.get(loss_type, 0.0)
+  want, _ = _trl_dpo(logits, ids, attn, comp, ref_c, ref_r, [loss_type], [1.0], 0.5, ls,
+                     f_div=f_div, f_alpha=f_alpha)
+  got, got_m = _ours(batch, logits, ref_c, ref_r, loss_type=loss_type, beta=0.5,
+                     label_smoothing=ls, f_divergence_type=f_div, f_alpha_divergence_coef=f_alpha)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_types, weights", [
+    (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0]),  # MPO, TRL's own example
+    (["aot", "discopop", "ipo"], None),                 # default: every weight 1
+    (["exo_pair", "sigmoid_norm", "sft", "sft"], [0.5, 2.0, 0.3, 0.7]),
+])
+def test_multi_loss_matches_trl(loss_types, weights):
+  batch, (ids, attn, comp), logits = lib.paired_batch(seed=11)
+  ref_c, ref_r = _refs(seed=12)
+  ls = 0.02 if "exo_pair" in loss_types else 0.0
+  want, _ = _trl_dpo(logits, ids, attn, comp, ref_c, ref_r, loss_types,
+                     weights or [1.0] * len(loss_types), 0.2, ls)
+  cfg = dict(loss_type=tuple(loss_types), beta=0.2, label_smoothing=ls)
+  if weights is not None:
+    cfg["loss_weights"] = tuple(weights)
+  got, _ = _ours(batch, logits, ref_c, ref_r, **cfg)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["aot", "aot_unpaired"])
+def test_aot_ignores_padding_rows(loss_type):
+  """A final partial batch's padding rows (example_id -1) must not enter AOT's batch sort."""
+  batch, _, logits = lib.paired_batch(seed=13, b=4)
+  ref_c, ref_r = _refs(seed=14)
+  keep = np.array([0, 2, 3])
+  real = {k: v[keep] for k, v in batch.items()}
+  full_logits = np.asarray(logits)
+  got_real, _ = _ours(real, np.concatenate([full_logits[keep], full_logits[4 + keep]]),
+                      ref_c[keep], ref_r[keep], loss_type=loss_type, beta=0.1)
+  padded = dict(batch, example_id=jnp.asarray([0, -1, 2, 3]))
+  got_pad, _ = _ours(padded, logits, ref_c, ref_r, loss_type=loss_type, beta=0.1)
+  np.testing.assert_allclose(got_pad, got_real, rtol=1e-6)
+
+
+def test_discopop_is_finite_for_large_margins():
+  lr_c = jnp.asarray([-400.0, 0.0, 400.0])
+  out = dpo_lib.dpo_losses("discopop", lr_c, -lr_c, beta=0.5, discopop_tau=0.05)
+  assert np.isfinite(np.asarray(out)).all()
 
 
 def test_rpo_matches_trl_sigmoid_plus_sft():
@@ -98,6 +170,12 @@ def test_reference_free_and_copy_modes():
     (dict(beta=0.0), "beta"), (dict(beta=-1.0), "beta"),
     (dict(loss_type="nope"), "sigmoid"),
     (dict(loss_type="robust", label_smoothing=0.5), "label_smoothing"),
+    (dict(loss_type="exo_pair"), "exo_pair"),
+    (dict(loss_type=("sigmoid", "sft"), loss_weights=(1.0,)), "loss_weights"),
+    (dict(loss_type=("sigmoid", "nope")), "sigmoid"),
+    (dict(f_divergence_type="tv"), "reverse_kl"),
+    (dict(loss_type="bco_pair", f_divergence_type="forward_kl"), "f_divergence_type"),
+    (dict(loss_type="discopop", discopop_tau=0.0), "discopop_tau"),
     (dict(reference="copy"), "reference"), (dict(reference="precomputed"), "precompute"),
     (dict(reference="bogus"), "reference"),
 ])
