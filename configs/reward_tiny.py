@@ -2,8 +2,10 @@
 
   ftjax train --config configs/reward_tiny.py:sft=runs/sft_tiny --workdir runs/reward_tiny
 
+  ftjax export --workdir runs/reward_tiny --out runs/reward_tiny/hf   # AutoModelForSequenceClassification
+
 The head (`score`, HF AutoModelForSequenceClassification layout, num_labels=1) reads the last
-real token; export with ftjax.models.reward.export_reward_hf. Eval: held-out pair accuracy.
+real token. Eval: held-out pair accuracy.
 """
 
 from ftjax.config import config_module, parse_arg

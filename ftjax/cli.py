@@ -1,7 +1,7 @@
 """`ftjax train | export | upcycle` (also `python -m ftjax ...`).
 
   ftjax train --config configs/sft_tiny.py[:arg] --workdir DIR [--config.a.b=value ...]
-  ftjax export --workdir DIR --out HF_DIR [--adapter]
+  ftjax export --workdir DIR --out HF_DIR [--adapter]   (reward run: a sequence-classification dir)
   ftjax upcycle --src HF_DIR --out HF_DIR --num_experts 8 --top_k 2
 
 Bad input ends in one line `ftjax: error: ...` on stderr and exit status 1 (2 for bad flags).

@@ -1,8 +1,13 @@
-"""`ftjax export`: a training workdir -> a Hugging Face model dir (merged) or a PEFT adapter dir."""
+"""`ftjax export`: a training workdir -> a Hugging Face model dir (merged) or a PEFT adapter dir.
+
+A reward-model run (model.head 'reward' or objective 'reward') is written as
+`AutoModelForSequenceClassification` (num_labels=1, `ftjax.models.reward.export_reward_hf`).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import ml_collections
@@ -31,10 +36,35 @@ def load_run(workdir: str):
   return config, model_cfg, merge_params(trainable, frozen), tokenizer
 
 
+def is_reward_run(config, model_cfg) -> bool:
+  return model_cfg.head == "reward" or config.objective.get("name") == "reward"
+
+
+def _export_reward(params, model_cfg, out_dir: str, tokenizer) -> str:
+  """The merged reward model as an HF sequence-classification dir (score read where ftjax reads)."""
+  from ftjax.models.reward import export_reward_hf  # pylint: disable=g-import-not-at-top
+  pad = getattr(tokenizer, "pad_token_id", None)
+  if pad is None:
+    raise ValueError("reward export: the run's tokenizer has no pad token; transformers reads the "
+                     "score at the last token that is not pad_token_id")
+  if pad == getattr(tokenizer, "eos_token_id", None):
+    # ftjax scores the final eos; transformers skips every pad id, so it scores the token before.
+    logging.warning("reward export: pad_token_id == eos_token_id (%d): transformers will read the "
+                    "score one token before ftjax does (give the tokenizer a distinct pad token)",
+                    pad)
+  params = {k: v for k, v in params.items() if k != "lm_head"}  # peft.merge may untie a head
+  return export_reward_hf(params, model_cfg.replace(head="reward"), out_dir,
+                          tokenizer, pad_token_id=pad)
+
+
 def export_workdir(workdir: str, out_dir: str, adapter_only: bool = False) -> str:
   from ftjax.models import hf  # pylint: disable=g-import-not-at-top
   config, model_cfg, params, tokenizer = load_run(workdir)
   peft_on = config.peft.get("method", "none") not in ("none", "", None)
+  reward = is_reward_run(config, model_cfg)
+  if adapter_only and reward:
+    raise ValueError("--adapter: a reward model's trained score head is not a LoRA adapter; "
+                     "export the merged model (drop --adapter)")
   if adapter_only:
     if not peft_on or config.peft.method == "hft":
       raise ValueError("--adapter: this run has no LoRA/DoRA adapter (config.peft.method="
@@ -48,6 +78,8 @@ def export_workdir(workdir: str, out_dir: str, adapter_only: bool = False) -> st
   if peft_on and config.peft.method != "hft":
     from ftjax import peft  # pylint: disable=g-import-not-at-top
     params, model_cfg = peft.merge(params, model_cfg)
+  if reward:
+    return _export_reward(params, model_cfg, out_dir, tokenizer)
   # base_config: the source HF dir's token ids and generation_config.json carry over.
   hf.export_hf(params, model_cfg, out_dir, tokenizer=tokenizer,
                base_config=config.model.get("hf_path") or None)

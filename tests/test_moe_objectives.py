@@ -27,10 +27,11 @@ def _batch(b=2, t=8, seed=0):
   return {k: jnp.asarray(v) for k, v in out.items()}
 
 
-@pytest.mark.parametrize("name", ["dpo", "simpo", "orpo"])
+@pytest.mark.parametrize("name", ["dpo", "simpo", "orpo", "reward"])
 def test_preference_objectives_add_router_losses(name):
   cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                    num_heads=4, num_kv_heads=2, num_experts=4, num_experts_per_tok=2)
+                    num_heads=4, num_kv_heads=2, num_experts=4, num_experts_per_tok=2,
+                    head="reward" if name == "reward" else "lm")
   model = Decoder(cfg)
   params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   batch = _batch()

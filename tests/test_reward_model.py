@@ -103,3 +103,47 @@ def test_bradley_terry_matches_trl(hf_reward_dir, use_margin, center):
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for k in ("accuracy", "margin"):
     np.testing.assert_allclose(got_m[k], t._metrics["train"][k][-1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module", params=["none", "lora"])
+def reward_run(request, tmp_path_factory):
+  """A 2-step reward run of configs/reward_tiny.py on a tiny model (random init), full FT or LoRA
+  (exported merged)."""
+  from ftjax import train
+  from ftjax.config import load_config
+  from ftjax.peft.configs import default_config
+  c = load_config("reward_tiny:steps=2,sft=")
+  if request.param != "none":  # named targets: 'all-linear' would also pick the [hidden, 1] score
+    c.peft = default_config(request.param, r=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
+  c.model.update(dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2))
+  c.train.update(dict(batch_size=8, log_every=1))
+  c.eval.update(dict(every=0))
+  c.checkpoint.update(dict(async_save=False, every=2))
+  c.data.train = c.data.eval  # the small held-out split: a short first pass
+  wd = str(tmp_path_factory.mktemp("reward_run") / "run")
+  train.run(c, wd)
+  return wd
+
+
+def test_cli_export_of_a_reward_run_loads_in_transformers(reward_run, tmp_path):
+  from ftjax import cli
+  from ftjax.export import load_run
+  out = str(tmp_path / "hf")
+  assert cli.main(["ftjax", "export", f"--workdir={reward_run}", f"--out={out}"]) == 0
+  conf = transformers.AutoConfig.from_pretrained(out)
+  assert conf.num_labels == 1 and conf.architectures[0].endswith("ForSequenceClassification")
+  _, cfg, params, tok = load_run(reward_run)
+  assert conf.pad_token_id == tok.pad_token_id == PAD != tok.eos_token_id
+  ids, mask = _padded(np.random.RandomState(4), 4, 12, cfg.vocab_size)
+  ids[np.arange(4), mask.sum(1) - 1] = tok.eos_token_id  # sequences end in eos, as in training
+  ours = _ours(cfg.replace(head="reward"), params, ids, mask)
+  np.testing.assert_allclose(_hf_scores(out, ids, mask), ours, atol=1e-4)
+  assert np.ptp(ours) > 0  # scores differ per sequence, so the read position matters
+
+
+def test_cli_export_adapter_of_a_reward_run_is_an_error(reward_run, tmp_path, capsys):
+  from ftjax import cli
+  rc = cli.main(["ftjax", "export", f"--workdir={reward_run}", f"--out={tmp_path / 'a'}",
+                 "--adapter"])
+  assert rc == 1 and "reward" in capsys.readouterr().err

@@ -3,7 +3,9 @@
   loss = -log σ(r_c - r_r - margin)       (margin from batch['margin'] when present, else 0)
        + center_rewards_coefficient · mean((r_c + r_r)²)     (optional, TRL's reward centring)
 r = the scalar head at the last real token (`ftjax.models.reward.RewardModel`). Metrics (TRL names):
-accuracy (r_c > r_r), margin (r_c - r_r), rewards/chosen, rewards/rejected.
+accuracy (r_c > r_r), margin (r_c - r_r), rewards/chosen, rewards/rejected. An MoE decoder's
+router losses (`moe_aux_coef`, `moe_z_coef`) are added in training as in every ftjax objective;
+TRL 1.16's RewardTrainer adds none, so set both to 0 for its exact loss.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.models.reward import as_reward_model
-from ftjax.objectives import register
+from ftjax.objectives import moe_aux, register
 from ftjax.objectives import preference as pref
 
 
@@ -27,12 +29,10 @@ def bradley_terry(chosen_rewards, rejected_rewards, margin=None, center_coef: fl
   return losses
 
 
-def pair_rewards(model, params, batch) -> jax.Array:
-  """[2B] rewards for [chosen; rejected] in one forward."""
+def pair_rewards(model, params, batch):
+  """([2B] rewards for [chosen; rejected] in one forward, MoE router aux dict or None)."""
   rows = pref.concat_rows(batch, ("chosen_", "rejected_"))
-  return as_reward_model(model).apply(
-      {"params": params}, rows["tokens"], positions=rows.get("positions"),
-      segment_ids=rows.get("segment_ids"))
+  return moe_aux.forward_model(as_reward_model(model), params, rows)
 
 
 @register("reward")
@@ -40,7 +40,7 @@ def reward(params, batch, rng, ctx):
   """Paired batch -> (Σ Bradley–Terry losses, number of pairs), metrics."""
   del rng
   cfg = ctx.config
-  r = pair_rewards(ctx.model, params, batch)
+  r, aux = pair_rewards(ctx.model, params, batch)
   rc, rr = pref.halves(r)
   margin = batch.get("margin") if cfg.get("use_margin", True) else None
   coef = cfg.get("center_rewards_coefficient", None)
@@ -54,4 +54,5 @@ def reward(params, batch, rng, ctx):
       "rewards/chosen": ((w * sg(rc)).sum(), b),
       "rewards/rejected": ((w * sg(rr)).sum(), b),
   }
-  return ((w * losses).sum(), b), metrics
+  loss_sum, metrics = moe_aux.add_terms((w * losses).sum(), b, aux, ctx, metrics)
+  return (loss_sum, b), metrics
