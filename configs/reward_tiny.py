@@ -1,7 +1,6 @@
 """Bradley-Terry reward model on the arithmetic pairs: the SFT decoder + a scalar head.
 
   ftjax train --config configs/reward_tiny.py:sft=runs/sft_tiny --workdir runs/reward_tiny
-
   ftjax export --workdir runs/reward_tiny --out runs/reward_tiny/hf   # AutoModelForSequenceClassification
 
 The head (`score`, HF AutoModelForSequenceClassification layout, num_labels=1) reads the last
