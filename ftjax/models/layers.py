@@ -48,11 +48,13 @@ class Linear(nn.Module):
   use_bias: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, tied_kernel: Optional[jax.Array] = None) -> jax.Array:
+    """tied_kernel [in, out]: a weight owned elsewhere (the tied LM head reads the embedding
+    table); only adapter params, if any, are declared here then."""
     from ftjax import peft  # local import: peft depends on this module
     dtype = self.cfg.compute_dtype
     in_features = x.shape[-1]
-    return peft.adapt_linear(self, x, in_features, self.features, dtype)
+    return peft.adapt_linear(self, x, in_features, self.features, dtype, tied_kernel)
 
   def base_params(self, in_features: int):
     """Declares (or reads) the plain kernel and bias; used by the PEFT hook when not quantised."""
@@ -63,6 +65,28 @@ class Linear(nn.Module):
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
                         (self.features,), self.cfg.weight_dtype)
     return kernel, bias
+
+
+class Embed(nn.Embed):
+  """Token embedding table [V, D] (HF embed_tokens) that PEFT can adapt like a Linear from one-hot
+  tokens: LoRA/DoRA leaves are declared and applied via `ftjax.peft` (declare_embed_adapter,
+  adapt_embed). `attend` (the tied LM head) reads the base table only, as a tied HF lm_head does
+  under PEFT.
+  """
+  cfg: Optional[ModelConfig] = None
+
+  def setup(self):
+    from ftjax import peft  # local import: peft depends on this module
+    super().setup()
+    self.adapter = peft.declare_embed_adapter(self)
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    from ftjax import peft  # local import: peft depends on this module
+    return peft.adapt_embed(self, inputs, super().__call__(inputs))
+
+  def table(self) -> jax.Array:
+    """The base embedding [V, D] (param dtype)."""
+    return self.embedding
 
 
 class Norm(nn.Module):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from ftjax.models.attention import Attention
 from ftjax.models.config import ModelConfig
-from ftjax.models.layers import MLP, Norm, constrain
+from ftjax.models.layers import MLP, Embed, Linear, Norm, constrain
 
 _REMAT_POLICIES = {
     "full": None,
@@ -54,10 +54,10 @@ class Decoder(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    self.embed_tokens = nn.Embed(
+    self.embed_tokens = Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                    ("vocab", "embed")))
+                                                    ("vocab", "embed")), cfg=cfg)
     if cfg.pos_embedding == "learned":
       self.embed_positions = nn.Embed(
           cfg.max_position_embeddings, cfg.hidden_size, dtype=cfg.compute_dtype,
@@ -82,12 +82,8 @@ class Decoder(nn.Module):
           1, use_bias=False, dtype=jnp.float32, param_dtype=cfg.weight_dtype,
           kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                    ("embed", None)))
-    elif not cfg.tie_embeddings:
-      self.lm_head = nn.Dense(
-          cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-          param_dtype=cfg.weight_dtype,
-          kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                   ("embed", "vocab")))
+    else:  # tied: declares no kernel, only LoRA leaves when config.peft targets lm_head
+      self.lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), cfg, name="lm_head")
 
   def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
                segment_ids: Optional[jax.Array] = None, return_hidden: bool = False):
@@ -113,8 +109,10 @@ class Decoder(nn.Module):
     cfg = self.cfg
     if cfg.head == "reward":
       return self.score(x.astype(jnp.float32))  # [B, T, 1]
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and cfg.peft is None:
       logits = self.embed_tokens.attend(x)
+    elif cfg.tie_embeddings:  # PEFT: the head sees the base table (+ its own adapter, if any)
+      logits = self.lm_head(x, tied_kernel=self.embed_tokens.table().T)
     else:
       logits = self.lm_head(x)
     logits = logits.astype(jnp.float32)

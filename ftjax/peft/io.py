@@ -2,6 +2,8 @@
 
 Keys are `base_model.model.<HF module name>.lora_A.weight` [r, in], `...lora_B.weight` [out, r]
 and `...lora_magnitude_vector` [out] (DoRA), one per layer (our stacked [L, ...] arrays are split).
+The embedding uses PEFT's lora.Embedding keys `base_model.model.model.embed_tokens.lora_embedding_A`
+[r, V] and `...lora_embedding_B` [D, r]; the LM head is `base_model.model.lm_head.lora_A.weight`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.peft.spec import AdapterSpec, hf_name, resolve
-from ftjax.peft.tree import init_adapters, linear_dicts
+from ftjax.peft.spec import EMBED, HEAD, AdapterSpec, hf_name, resolve
+from ftjax.peft.tree import init_adapters, linear_dicts, module_dicts
 
 _PREFIX = "base_model.model."
 _LAYOUT_UNSUPPORTED = ("gpt2",)  # HF fuses q/k/v into c_attn: no 1:1 module names
@@ -26,10 +28,18 @@ def _layers(path, arr) -> list:
   return list(range(arr.shape[0])) if "layers" in path else [None]
 
 
+def _keys(path):
+  """(our leaf, PEFT key suffix, transposed?) of one module's adapter tensors."""
+  a, b = (("lora_embedding_A", "lora_embedding_B") if path == EMBED
+          else ("lora_A.weight", "lora_B.weight"))
+  magnitude = ("lora_magnitude", "lora_magnitude_vector", False)
+  return ("lora_A", a, True), ("lora_B", b, True), magnitude
+
+
 def _target_modules(params, spec, num_layers):
   """A leaf-name list when it selects exactly our adapted modules (as PEFT would), else a regex."""
   adapted, leaves_all = set(), {}
-  for path, d in linear_dicts(params):
+  for path, d in module_dicts(params):
     leaves_all.setdefault(path[-1], []).append("lora_A" in d)
     if "lora_A" in d:
       adapted.add(path)
@@ -57,19 +67,16 @@ def export_adapter(params, model_cfg, out_dir: str,
     raise ValueError("export_adapter: LoRA on MoE experts / router has no PEFT adapter format "
                      "here; export a merged model instead (ftjax export without --adapter)")
   tensors, rank_pattern, alpha_pattern = {}, {}, {}
-  for path, d in linear_dicts(params):
+  for path, d in module_dicts(params):
     if "lora_A" not in d:
       continue
     rank, alpha = resolve(spec, path, model_cfg.num_layers)
-    a, b = np.asarray(d["lora_A"], np.float32), np.asarray(d["lora_B"], np.float32)
-    m = np.asarray(d["lora_magnitude"], np.float32) if "lora_magnitude" in d else None
-    for i in _layers(path, a):
-      sl = (lambda x: x[i]) if i is not None else (lambda x: x)
+    for i in _layers(path, d["lora_A"]):
       name = _PREFIX + hf_name(path, i)
-      tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(sl(a).T)
-      tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(sl(b).T)
-      if m is not None:
-        tensors[f"{name}.lora_magnitude_vector"] = np.ascontiguousarray(sl(m))
+      for leaf, suffix, transpose in _keys(path):
+        if leaf in d:
+          x = np.asarray(d[leaf] if i is None else d[leaf][i], np.float32)
+          tensors[f"{name}.{suffix}"] = np.ascontiguousarray(x.T if transpose else x)
       if rank != spec.r:
         rank_pattern[hf_name(path, i)] = rank
       if alpha != spec.alpha:
@@ -95,7 +102,8 @@ def _num(x):
 _UNSUPPORTED = {"layers_to_transform": None, "layers_pattern": None, "modules_to_save": None,
                 "bias": "none", "fan_in_fan_out": False, "lora_bias": False,
                 "exclude_modules": None, "layer_replication": None, "target_parameters": None,
-                "trainable_token_indices": None, "use_qalora": False, "use_bdlora": None}
+                "trainable_token_indices": None, "use_qalora": False, "use_bdlora": None,
+                "ensure_weight_tying": False}
 
 
 def spec_from_adapter_config(cfg: dict, where: str, base: Optional[AdapterSpec]) -> AdapterSpec:
@@ -154,12 +162,11 @@ def load_adapter(adapter_dir: str, base_params, model_cfg):
     used.add(key)
     return np.asarray(t, np.float32).astype(dtype)
 
-  for path, d in linear_dicts(params):
+  _load_embedding_weights(params, cfg, tensors, take)
+  for path, d in module_dicts(params):
     if "lora_A" not in d:
       continue
-    for leaf, suffix, transpose in (("lora_A", "lora_A.weight", True),
-                                    ("lora_B", "lora_B.weight", True),
-                                    ("lora_magnitude", "lora_magnitude_vector", False)):
+    for leaf, suffix, transpose in _keys(path):
       if leaf not in d:
         continue
       arr = d[leaf]
@@ -176,3 +183,26 @@ def load_adapter(adapter_dir: str, base_params, model_cfg):
     raise ValueError(f"{wpath}: {len(extra)} tensors match no adapted module of the base "
                      f"model (first: {extra[:3]}); check target_modules")
   return params, cfg
+
+
+def _load_embedding_weights(params, cfg, tensors, take):
+  """PEFT saves the base embedding / LM head next to their adapters (save_embedding_layers) and
+  loads them over the base model's; so do we. A tied head's copy must equal the table."""
+  emb = params["embed_tokens"]
+  shape = emb["embedding"].shape
+  for path in (EMBED, HEAD):
+    name = _PREFIX + hf_name(path, None)
+    key = next((k for k in (f"{name}.base_layer.weight", f"{name}.weight") if k in tensors), None)
+    if key is None:
+      continue
+    w = take(key, shape, emb["embedding"].dtype)  # HF [V, D] for both
+    if path == EMBED:
+      emb["embedding"] = jax.device_put(w, emb["embedding"].sharding)
+    elif not cfg.tie_embeddings:
+      if "lm_head" not in params:
+        raise ValueError(f"{key}: the base model has no lm_head (head={cfg.head!r})")
+      head = params["lm_head"]
+      head["kernel"] = jax.device_put(np.ascontiguousarray(w.T), head["kernel"].sharding)
+    elif not np.array_equal(w, np.asarray(emb["embedding"])):
+      raise ValueError(f"{key} differs from the embedding table, but the base model ties them "
+                       "(tie_embeddings=True); load the adapter on an untied base")

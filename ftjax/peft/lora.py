@@ -1,9 +1,13 @@
-"""The Linear layer's PEFT forward: LoRA / rsLoRA / DoRA on a plain or NF4 base kernel.
+"""PEFT forwards: LoRA / rsLoRA / DoRA on a Linear (plain or NF4 base kernel) and on the embedding.
 
 Shapes (per layer; nn.scan adds a leading [L] to every param):
   kernel [in, out] | kernel_nf4 uint8 [in/2, out] + absmax leaves (see nf4.py)
   lora_A [in, r] (logical axes (in_axis, 'lora_rank')), lora_B [r, out] (('lora_rank', out_axis)),
   lora_magnitude [out] (DoRA; (out_axis,)).
+The embedding table [V, D] is a Linear from one-hot tokens: lora_A [V, r] (PEFT's
+lora_embedding_A transposed; zero init), lora_B [r, D] (lora_embedding_B.T; N(0, 1) init),
+lora_magnitude [D]; no dropout (PEFT applies none to embeddings). The LM head is a Linear that is
+never NF4-quantised (as bitsandbytes QLoRA keeps lm_head in full precision).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import jax.numpy as jnp
 
 from ftjax.models import layers
 from ftjax.peft import nf4
-from ftjax.peft.spec import hf_name, resolve, scaling
+from ftjax.peft.spec import HEAD, hf_name, resolve, scaling
 
 _STATE = threading.local()
 
@@ -85,9 +89,12 @@ def _nf4_dot(x, leaves, block, dtype):
   return layers.matmul(x, nf4.dequantize(leaves, block, dtype))
 
 
-def _base(module, spec, in_f, out_f, dtype):
-  """(matmul(x) -> x @ W, kernel() -> W, bias) for a plain or an NF4 base kernel."""
-  if spec is not None and spec.quantize == "nf4":
+def _base(module, spec, in_f, out_f, dtype, tied_kernel=None):
+  """(matmul(x) -> x @ W, kernel() -> W, bias) for a plain, an NF4 or a tied base kernel."""
+  if tied_kernel is not None:
+    tied = tied_kernel.astype(dtype)
+    return (lambda v: layers.matmul(v, tied)), (lambda: tied), None
+  if spec is not None and spec.quantize == "nf4" and tuple(module.scope.path) != HEAD:
     leaves, bias = _nf4_base(module, spec, in_f, out_f)
     return (lambda v: _nf4_dot(v, leaves, spec.block_size, dtype),
             lambda: nf4.dequantize(leaves, spec.block_size, dtype), bias)
@@ -119,10 +126,17 @@ def _declare_adapter(module, spec, rank, kernel, in_f, out_f):
   return a, b, m
 
 
-def adapt_linear(module, x: jax.Array, in_f: int, out_f: int, dtype) -> jax.Array:
+def _check_rank(rank, n_in, n_out, path):
+  if rank > min(n_in, n_out):
+    raise ValueError(f"config.peft.r / rank_pattern: rank {rank} > min(in, out) = "
+                     f"{min(n_in, n_out)} for {hf_name(path, None)} [{n_in}, {n_out}]")
+
+
+def adapt_linear(module, x: jax.Array, in_f: int, out_f: int, dtype,
+                 tied_kernel=None) -> jax.Array:
   """y = x @ W (+ b), plus the adapter's contribution when this module is targeted."""
   spec = getattr(module.cfg, "peft", None)
-  matmul, kernel, bias = _base(module, spec, in_f, out_f, dtype)
+  matmul, kernel, bias = _base(module, spec, in_f, out_f, dtype, tied_kernel)
   add_bias = lambda y: y if bias is None else y + bias.astype(dtype)
   x = x.astype(dtype)
   path = tuple(module.scope.path)
@@ -130,9 +144,7 @@ def adapt_linear(module, x: jax.Array, in_f: int, out_f: int, dtype) -> jax.Arra
   if target is None:
     return add_bias(matmul(x))
   rank, alpha = target
-  if rank > min(in_f, out_f):
-    raise ValueError(f"config.peft.r / rank_pattern: rank {rank} > min(in, out) = "
-                     f"{min(in_f, out_f)} for {hf_name(path, None)} [{in_f}, {out_f}]")
+  _check_rank(rank, in_f, out_f, path)
   a, b, m = _declare_adapter(module, spec, rank, kernel, in_f, out_f)
   if adapters_are_disabled():
     return add_bias(matmul(x))
@@ -155,3 +167,48 @@ def _dora(x, xd, matmul, kernel, base, lora, a, b, m, s, dtype):
     return mag_scale * (base + lora)
   # With dropout PEFT rescales the base path of the dropped-out input (dora.py: base_result=None).
   return base + (mag_scale - 1) * matmul(xd) + mag_scale * lora
+
+
+def declare_embed_adapter(module):
+  """(lora_A [V, r], lora_B [r, D], lora_magnitude [D] or None) of a targeted embedding, else None.
+
+  Called from `ftjax.models.layers.Embed.setup`. PEFT's init: A = 0, B ~ N(0, 1), so step 0
+  equals the base; DoRA's magnitude = ||E||_V per feature (PEFT's norm over num_embeddings).
+  """
+  spec = getattr(module.cfg, "peft", None)
+  path = tuple(module.scope.path)
+  target = None if spec is None else resolve(spec, path, module.cfg.num_layers)
+  if target is None:
+    return None
+  rank = target[0]
+  n_v, n_d = module.num_embeddings, module.features
+  _check_rank(rank, n_v, n_d, path)
+  wdt = module.param_dtype
+  a = module.param("lora_A", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                          ("vocab", "lora_rank")), (n_v, rank), wdt)
+  b = module.param("lora_B", nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                          ("lora_rank", "embed")), (rank, n_d), wdt)
+  m = None
+  if spec.use_dora:
+    m = module.param("lora_magnitude", nn.with_logical_partitioning(
+        lambda *_: jnp.linalg.norm(module.embedding.astype(jnp.float32), axis=0).astype(wdt),
+        ("embed",)))
+  return a, b, m
+
+
+def adapt_embed(module, tokens: jax.Array, base: jax.Array) -> jax.Array:
+  """base [..., D] = E[tokens], plus s * A[tokens] @ B (DoRA: rescaled per feature)."""
+  if module.adapter is None or adapters_are_disabled():
+    return base
+  a, b, m = module.adapter
+  spec = module.cfg.peft
+  rank, alpha = resolve(spec, tuple(module.scope.path), module.cfg.num_layers)
+  s = scaling(spec, rank, alpha)
+  dtype = base.dtype
+  lora = layers.matmul(jnp.take(a.astype(dtype), tokens, axis=0), (b * s).astype(dtype))
+  if m is None:
+    return base + lora
+  w = module.embedding.astype(jnp.float32) + s * jnp.dot(a.astype(jnp.float32),
+                                                         b.astype(jnp.float32))
+  norm = jax.lax.stop_gradient(jnp.linalg.norm(w, axis=0))  # [D], float32, as in PEFT
+  return (m.astype(jnp.float32) / norm).astype(dtype) * (base + lora)

@@ -5,7 +5,9 @@ Module names are Hugging Face's: the Linear at Flax path ('layers', 'self_attn',
 `alpha_pattern` read exactly as in a PEFT `LoraConfig`:
   - a list of names: a module is targeted when its name equals an entry or ends with '.' + entry;
   - a string: a regex that must full-match the module name;
-  - 'all-linear': every Linear (the LM head is not a Linear, so it is never targeted).
+  - 'all-linear': every Linear except the LM head (as in PEFT); never the embedding.
+The token embedding (`model.embed_tokens`, PEFT's lora.Embedding) and the LM head (`lm_head`,
+also when tied to the embedding) are targeted by name like any other module.
 Layers are stacked (nn.scan), so a pattern must select the same modules with the same rank/alpha in
 every layer; a pattern that picks some layers only is an error.
 """
@@ -19,6 +21,9 @@ import re
 from typing import Optional, Tuple, Union
 
 ADAPTER_LEAVES = ("lora_A", "lora_B", "lora_magnitude")
+EMBED = ("embed_tokens",)  # Flax paths of the two non-Linear targets
+HEAD = ("lm_head",)
+_NOT_ALL_LINEAR = ("model.embed_tokens", "lm_head")
 METHODS = ("none", "lora", "dora", "qlora", "hft")
 
 
@@ -60,6 +65,8 @@ class AdapterSpec:
 
 def hf_name(path: Tuple[str, ...], layer: Optional[int]) -> str:
   """Flax module path -> HF module name; `layer` fills the stacked 'layers' axis."""
+  if path == HEAD:
+    return "lm_head"
   parts = ["model"]
   for p in path:
     parts.append(p)
@@ -70,7 +77,7 @@ def hf_name(path: Tuple[str, ...], layer: Optional[int]) -> str:
 
 def _target_hit(target, name: str) -> bool:
   if target == "all-linear":
-    return True
+    return name not in _NOT_ALL_LINEAR
   if isinstance(target, str):
     return re.fullmatch(target, name) is not None
   return any(name == t or name.endswith("." + t) for t in target)

@@ -2,6 +2,8 @@
 
 Params are nested dicts of raw arrays (unboxed). A Linear's dict holds 'kernel' (or the NF4
 leaves), optional 'bias', and when adapted 'lora_A', 'lora_B' (+ 'lora_magnitude' for DoRA).
+The embedding's dict ('embed_tokens') holds 'embedding' [V, D] and the same adapter leaves; with
+tied embeddings an adapted LM head's dict ('lm_head') holds the adapter leaves only.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.peft import nf4
-from ftjax.peft.spec import (ADAPTER_LEAVES, AdapterSpec, hf_name, method_of, resolve, scaling,
-                             spec_from_config)
+from ftjax.peft.spec import (ADAPTER_LEAVES, EMBED, HEAD, AdapterSpec, hf_name, method_of,
+                             resolve, scaling, spec_from_config)
 
 NF4_LEAVES = ("kernel_nf4", "kernel_absmax", "kernel_absmax_q", "kernel_absmax_scale",
               "kernel_absmax_offset")
@@ -31,27 +33,41 @@ def linear_dicts(params, path=()) -> Iterator[Tuple[Tuple[str, ...], Dict[str, A
     yield from linear_dicts(v, path + (k,))
 
 
-def _base_linears(model_cfg) -> list:
-  """Flax paths of every Linear of the un-adapted model (shapes only, nothing allocated)."""
+def module_dicts(params) -> Iterator[Tuple[Tuple[str, ...], Dict[str, Any]]]:
+  """(path, dict) for every module LoRA can adapt: each Linear, the embedding, the LM head."""
+  yield from linear_dicts(params)
+  for path in (EMBED, HEAD):
+    if isinstance(params.get(path[0]), dict):
+      yield path, params[path[0]]
+
+
+def _base_modules(model_cfg) -> list:
+  """(path, (in, out)) of every adaptable module of the un-adapted model (shapes only): the
+  Linears, then the embedding [V, D] and the LM head [D, V] (also when tied)."""
   from ftjax.models import Decoder  # pylint: disable=g-import-not-at-top
   base_cfg = model_cfg.replace(peft=None)
   shapes = jax.eval_shape(lambda: nn.unbox(Decoder(base_cfg).init(
       jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]))
-  return [(p, d["kernel"].shape[-2:]) for p, d in linear_dicts(shapes)]
+  out = [(p, d["kernel"].shape[-2:]) for p, d in linear_dicts(shapes)]
+  vocab, dim = shapes["embed_tokens"]["embedding"].shape
+  out.append((EMBED, (vocab, dim)))
+  if model_cfg.head != "reward":
+    out.append((HEAD, (dim, vocab)))
+  return out
 
 
 def available_modules(model_cfg) -> list:
-  """HF-style names of every Linear (layer 0 shown for stacked layers), for error messages."""
-  return [hf_name(p, 0 if "layers" in p else None) for p, _ in _base_linears(model_cfg)]
+  """HF-style names of every adaptable module (layer 0 shown for stacked layers)."""
+  return [hf_name(p, 0 if "layers" in p else None) for p, _ in _base_modules(model_cfg)]
 
 
 def check_targets(model_cfg) -> None:
-  """Errors early when target_modules selects no Linear (listing the available names)."""
+  """Errors early when target_modules selects no module (listing the available names)."""
   spec: AdapterSpec = model_cfg.peft
-  linears = _base_linears(model_cfg)
+  modules = _base_modules(model_cfg)
   hits = 0
-  for path, (n_in, n_out) in linears:
-    if spec.quantize == "nf4":
+  for path, (n_in, n_out) in modules:
+    if spec.quantize == "nf4" and path not in (EMBED, HEAD):
       nf4.check_shape(n_in, spec.block_size, f"{hf_name(path, None)} (config.peft.quantize='nf4')")
     target = resolve(spec, path, model_cfg.num_layers)
     if target is None:
@@ -61,7 +77,7 @@ def check_targets(model_cfg) -> None:
       raise ValueError(f"config.peft.r / rank_pattern: rank {target[0]} > min(in, out) = "
                        f"{min(n_in, n_out)} for {hf_name(path, None)} [{n_in}, {n_out}]")
   if not hits:
-    names = [hf_name(p, 0 if "layers" in p else None) for p, _ in linears]
+    names = [hf_name(p, 0 if "layers" in p else None) for p, _ in modules]
     raise ValueError(f"config.peft.target_modules={spec.target_modules!r} matches no module; "
                      f"available (layer 0 shown): {names}")
 
@@ -86,13 +102,15 @@ def init_adapters(base_params, model, rng, sample_tokens):
   spec: AdapterSpec = model.cfg.peft
   if spec is None:
     return base_params
-  if any(k in d for _, d in linear_dicts(base_params) for k in ADAPTER_LEAVES + NF4_LEAVES):
+  if any(k in d for _, d in module_dicts(base_params) for k in ADAPTER_LEAVES + NF4_LEAVES):
     raise ValueError("init_adapters: base params already hold adapters or NF4 weights; "
                      "merge them first (ftjax.peft.merge)")
 
   def init(base, key):
     boxed = model.init({"params": key}, sample_tokens)["params"]
     fresh = nn.unbox(boxed)
+    if model.cfg.tie_embeddings and "lm_head" in fresh:  # tied head: its base is the table.T
+      base = dict(base, lm_head={"kernel": base["embed_tokens"]["embedding"].T})
     out = _fill(fresh, base, spec, ())
     return jax.tree_util.tree_map(
         lambda x, b: nn.with_logical_constraint(x, b.names)
@@ -129,7 +147,8 @@ def _fill(fresh, base, spec, path):
     if k in fresh:
       out[k] = fresh[k]
   if "lora_magnitude" in fresh:
-    w = nf4.dequantize(out, spec.block_size) if quantised else base["kernel"]
+    w = nf4.dequantize(out, spec.block_size) if quantised else base.get("kernel",
+                                                                        base.get("embedding"))
     out["lora_magnitude"] = jnp.linalg.norm(w.astype(jnp.float32), axis=-2).astype(
         fresh["lora_magnitude"].dtype)
   return out
@@ -166,10 +185,13 @@ def merge_trainable(trainable, frozen):
   return out
 
 
-def merged_kernel(d, spec: AdapterSpec, rank: int, alpha: float, out_dtype) -> jax.Array:
-  """W' = W + s*A@B (DoRA: scaled to the magnitude per output), accumulated in float32."""
-  w = nf4.dequantize(d, spec.block_size) if "kernel_nf4" in d else d["kernel"].astype(
-      jnp.float32)
+def merged_kernel(d, spec: AdapterSpec, rank: int, alpha: float, out_dtype,
+                  key: str = "kernel") -> jax.Array:
+  """W' = W + s*A@B (DoRA: scaled to the magnitude per output), accumulated in float32.
+
+  `key` names the base weight: 'kernel' [in, out] or the embedding table 'embedding' [V, D].
+  """
+  w = nf4.dequantize(d, spec.block_size) if "kernel_nf4" in d else d[key].astype(jnp.float32)
   if "lora_A" in d:
     s = scaling(spec, rank, alpha)
     w = w + s * jnp.einsum("...ir,...ro->...io", d["lora_A"].astype(jnp.float32),
@@ -182,19 +204,35 @@ def merged_kernel(d, spec: AdapterSpec, rank: int, alpha: float, out_dtype) -> j
 
 
 def merge(params, model_cfg):
-  """(base_params, base_cfg): adapters folded into the kernels, NF4 dequantised (fp32 math)."""
+  """(base_params, base_cfg): adapters folded into the weights, NF4 dequantised (fp32 math).
+
+  Tied embeddings with an adapted embedding or LM head come back untied (lm_head = the base
+  table's transpose + the head's own adapter): the unmerged head reads the base table only (as in
+  PEFT), so folding the embedding's adapter into a shared table would change the logits.
+  """
   spec: AdapterSpec = getattr(model_cfg, "peft", None)
   if spec is None:
     return params, model_cfg
   out = jax.tree_util.tree_map(lambda x: x, params)  # shallow structural copy of the dicts
+  wdt = model_cfg.weight_dtype
+  cfg = model_cfg.replace(peft=None)
+  if (model_cfg.tie_embeddings and model_cfg.head != "reward"
+      and ("lm_head" in out or "lora_A" in out["embed_tokens"])):
+    head = dict(out.pop("lm_head", {}), kernel=out["embed_tokens"]["embedding"].T)
+    out["lm_head"] = head
+    cfg = cfg.replace(tie_embeddings=False)
 
   def rebuild(tree, path):
     if not isinstance(tree, dict):
       return tree
-    if ("kernel" in tree or "kernel_nf4" in tree) and path != ("lm_head",):
-      target = resolve(spec, path, model_cfg.num_layers) or (spec.r, spec.alpha)
+    target = lambda: resolve(spec, path, model_cfg.num_layers) or (spec.r, spec.alpha)
+    if "kernel" in tree or "kernel_nf4" in tree:
       d = {k: v for k, v in tree.items() if k not in ADAPTER_LEAVES + NF4_LEAVES}
-      d["kernel"] = merged_kernel(tree, spec, *target, model_cfg.weight_dtype)
+      d["kernel"] = merged_kernel(tree, spec, *target(), wdt)
+      return d
+    if path == EMBED and "lora_A" in tree:
+      d = {k: v for k, v in tree.items() if k not in ADAPTER_LEAVES}
+      d["embedding"] = merged_kernel(tree, spec, *target(), wdt, key="embedding")
       return d
     return {k: rebuild(v, path + (k,)) for k, v in tree.items()}
-  return rebuild(out, ()), model_cfg.replace(peft=None)
+  return rebuild(out, ()), cfg
