@@ -16,10 +16,12 @@ log-probs drop too (-0.82 -> -1.62), the known DPO failure RPO's NLL term preven
 combinations: "--config.objective.loss_type=('sigmoid','bco_pair','sft')"
 "--config.objective.loss_weights=(0.8,0.2,1.0)" (MPO; no weights = all 1); f-DPO:
 --config.objective.f_divergence_type=js_divergence (or forward_kl, alpha_divergence with
-...f_alpha_divergence_coef).
+...f_alpha_divergence_coef); LD-DPO --config.objective.ld_alpha=0.5; WPO
+--config.objective.use_weighting=True.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from ftjax.config import load_config, parse_arg
 from ftjax.data import asset_path
@@ -51,4 +53,5 @@ def get_config(arg=None):
   return preference_config(a, dict(
       name="dpo", loss_type=("sigmoid",), loss_weights=(), beta=a.beta, label_smoothing=0.0,
       rpo_alpha=a.rpo_alpha, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5,
-      discopop_tau=0.05, reference="copy"))
+      discopop_tau=0.05, ld_alpha=config_dict.placeholder(float), use_weighting=False,
+      reference="copy"))

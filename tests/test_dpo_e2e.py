@@ -46,7 +46,9 @@ def _ftjax_batch(collated, b):
   return batch
 
 
-def test_dpo_logps_and_loss_match_trl(tiny):
+@pytest.mark.parametrize("ld_alpha, use_weighting", [(None, False), (0.5, True)])
+def test_dpo_logps_and_loss_match_trl(tiny, ld_alpha, use_weighting):
+  """(0.5, True): LD-DPO and WPO, whose log Σ p² comes from TRL's own fused LM head."""
   path, cfg, params = tiny
   examples = _examples(cfg.vocab_size)
   collated = DataCollatorForPreference(pad_token_id=0)(examples)
@@ -56,18 +58,21 @@ def test_dpo_logps_and_loss_match_trl(tiny):
   collated["ref_rejected_logps"] = torch.tensor(ref_r)
 
   model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-  add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+  add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1",
+                                    "log_sum_sq_probs"))
   model.train()  # no dropout in Llama; TRL logs train metrics
-  t = lib.trainer_shell(DPOTrainer, model=model, ld_alpha=None, precompute_ref_logps=True,
+  t = lib.trainer_shell(DPOTrainer, model=model, ld_alpha=ld_alpha, precompute_ref_logps=True,
                         f_divergence_type="reverse_kl", loss_types=["sigmoid"],
-                        loss_weights=[1.0], beta=0.1, label_smoothing=0.0, use_weighting=False)
+                        loss_weights=[1.0], beta=0.1, label_smoothing=0.0,
+                        use_weighting=use_weighting)
   want = float(t._compute_loss(model, dict(collated), False).detach())
   want_m = {k: v[-1] for k, v in t._metrics["train"].items()}
 
   batch = _ftjax_batch(collated, len(examples))
   batch.update(ref_chosen_logps=jnp.asarray(ref_c), ref_rejected_logps=jnp.asarray(ref_r))
   ctx = ObjectiveContext(model=Decoder(cfg), config=ml_collections.ConfigDict(
-      {"loss_type": "sigmoid", "beta": 0.1, "reference": "precomputed"}))
+      {"loss_type": "sigmoid", "beta": 0.1, "reference": "precomputed", "ld_alpha": ld_alpha,
+       "use_weighting": use_weighting}))
   (s, n), m = jax.jit(lambda p, b: get("dpo")(p, b, None, ctx))(params, batch)
   got_m = lib.finalize(m)
   np.testing.assert_allclose(float(s / n), want, rtol=1e-5, atol=1e-6)

@@ -20,16 +20,24 @@ from ftjax.objectives import get
 
 
 def _trl_dpo(logits, ids, attn, comp, ref_c, ref_r, loss_types, weights, beta, ls,
-             f_div="reverse_kl", f_alpha=0.5, tau=0.05):
+             f_div="reverse_kl", f_alpha=0.5, tau=0.05, ld_alpha=None, use_weighting=False,
+             ref_logits=None):
+  """TRL's loss and metrics; ref_logits given: a reference model forward instead of ref_c/r."""
   fake = lib.TorchFused([(torch.tensor(ids), torch.tensor(logits))]).train()
+  fake.is_gradient_checkpointing = False  # read by TRL's reference forward
+  ref_model = None
+  if ref_logits is not None:
+    ref_model = lib.TorchFused([(torch.tensor(ids), torch.tensor(ref_logits))]).eval()
   t = lib.trainer_shell(
-      DPOTrainer, model=fake, ld_alpha=None, precompute_ref_logps=True,
-      f_divergence_type=f_div, f_alpha_divergence_coef=f_alpha, loss_types=loss_types,
-      loss_weights=weights, beta=beta, label_smoothing=ls, use_weighting=False,
-      args=types.SimpleNamespace(discopop_tau=tau))
+      DPOTrainer, model=fake, ref_model=ref_model, ld_alpha=ld_alpha,
+      precompute_ref_logps=ref_logits is None, f_divergence_type=f_div,
+      f_alpha_divergence_coef=f_alpha, loss_types=loss_types, loss_weights=weights, beta=beta,
+      label_smoothing=ls, use_weighting=use_weighting,
+      args=types.SimpleNamespace(discopop_tau=tau, gradient_checkpointing_kwargs=None))
   inputs = {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(attn),
-            "completion_mask": torch.tensor(comp), "ref_chosen_logps": torch.tensor(ref_c),
-            "ref_rejected_logps": torch.tensor(ref_r)}
+            "completion_mask": torch.tensor(comp)}
+  if ref_logits is None:
+    inputs.update(ref_chosen_logps=torch.tensor(ref_c), ref_rejected_logps=torch.tensor(ref_r))
   loss = t._compute_loss(fake, inputs, False)
   return float(loss), {k: v[-1] for k, v in t._metrics["train"].items()}
 
@@ -120,6 +128,60 @@ def test_aot_ignores_padding_rows(loss_type):
   np.testing.assert_allclose(got_pad, got_real, rtol=1e-6)
 
 
+_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+            "logps/chosen", "logps/rejected")
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "bco_pair", "discopop"])
+def test_wpo_weighting_matches_trl(loss_type):
+  batch, (ids, attn, comp), logits = lib.paired_batch(seed=15)
+  ref_c, ref_r = _refs(seed=16)
+  want, want_m = _trl_dpo(logits, ids, attn, comp, ref_c, ref_r, [loss_type], [1.0], 0.1, 0.0,
+                          use_weighting=True)
+  got, got_m = _ours(batch, logits, ref_c, ref_r, loss_type=loss_type, beta=0.1,
+                     use_weighting=True)
+  plain, _ = _ours(batch, logits, ref_c, ref_r, loss_type=loss_type, beta=0.1)
+  assert abs(got - plain) > 1e-3 * abs(plain)  # the weights do something
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  for k in _METRICS:
+    np.testing.assert_allclose(got_m[k], want_m[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize("ld_alpha, loss_types", [
+    (0.5, ["sigmoid"]), (0.0, ["ipo"]), (0.3, ["sigmoid", "sft"]), (1.0, ["hinge"])])
+def test_ld_dpo_matches_trl(ld_alpha, loss_types):
+  batch, (ids, attn, comp), logits = lib.paired_batch(seed=17)
+  ref_c, ref_r = _refs(seed=18)
+  want, want_m = _trl_dpo(logits, ids, attn, comp, ref_c, ref_r, loss_types,
+                          [1.0] * len(loss_types), 0.1, 0.0, ld_alpha=ld_alpha)
+  got, got_m = _ours(batch, logits, ref_c, ref_r, loss_type=tuple(loss_types), beta=0.1,
+                     ld_alpha=ld_alpha)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for k in _METRICS:
+    np.testing.assert_allclose(got_m[k], want_m[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_ld_dpo_reference_forward_matches_trl_and_cache():
+  """LD weighting reaches the reference too: 'copy' vs TRL's reference model forward, and the
+  precomputed cache (`precompute_reference(ld_alpha=...)`) vs 'copy'."""
+  batch, (ids, attn, comp), logits = lib.paired_batch(seed=19)
+  ref_logits = (np.random.RandomState(20).randn(*logits.shape) * 2).astype(np.float32)
+  want, want_m = _trl_dpo(logits, ids, attn, comp, None, None, ["sigmoid"], [1.0], 0.1, 0.0,
+                          ld_alpha=0.25, ref_logits=ref_logits)
+  c = lib.ctx(lib.FakeModel(), reference="copy", beta=0.1, ld_alpha=0.25)
+  c.ref_params = {"logits": jnp.asarray(ref_logits)}
+  (s, n), m = get("dpo")({"logits": jnp.asarray(logits)}, batch, None, c)
+  np.testing.assert_allclose(float(s / n), want, rtol=1e-5)
+  np.testing.assert_allclose(lib.finalize(m)["rewards/margins"], want_m["rewards/margins"],
+                             rtol=1e-5)
+  host = {k: np.asarray(v) for k, v in batch.items()}
+  host["example_id"] = np.arange(4)
+  table = dpo_lib.pref.precompute_reference(lib.FakeModel(), c.ref_params, [host], ld_alpha=0.25)
+  got, _ = _ours(batch, logits, table["ref_chosen_logps"], table["ref_rejected_logps"], beta=0.1,
+                 ld_alpha=0.25)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
 def test_discopop_is_finite_for_large_margins():
   lr_c = jnp.asarray([-400.0, 0.0, 400.0])
   out = dpo_lib.dpo_losses("discopop", lr_c, -lr_c, beta=0.5, discopop_tau=0.05)
@@ -176,6 +238,8 @@ def test_reference_free_and_copy_modes():
     (dict(f_divergence_type="tv"), "reverse_kl"),
     (dict(loss_type="bco_pair", f_divergence_type="forward_kl"), "f_divergence_type"),
     (dict(loss_type="discopop", discopop_tau=0.0), "discopop_tau"),
+    (dict(ld_alpha=1.5), "ld_alpha"),
+    (dict(loss_type="aot", use_weighting=True), "use_weighting"),
     (dict(reference="copy"), "reference"), (dict(reference="precomputed"), "precompute"),
     (dict(reference="bogus"), "reference"),
 ])

@@ -78,9 +78,11 @@ class TorchFused(torch.nn.Module):
     lg = logits[:, :-1]
     lab = labels[:, 1:]
     mask = lab != -100
-    lp = torch.log_softmax(lg, -1).gather(-1, lab.clamp(min=0)[..., None])[..., 0]
+    lsm = torch.log_softmax(lg, -1)
+    lp = lsm.gather(-1, lab.clamp(min=0)[..., None])[..., 0]
     return types.SimpleNamespace(
         log_probs=lp * mask, entropy=torch.zeros_like(lp),
+        log_sum_sq_probs=torch.logsumexp(2 * lsm, -1) * mask,
         mean_logits=lg.mean(-1) * mask, is_top1=(lg.argmax(-1) == lab) & mask)
 
 

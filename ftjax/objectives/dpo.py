@@ -27,6 +27,11 @@ and d = s_c - s_r, the per-pair losses are (TRL line refs, 1.16):
 (TRL: `loss_type=[...]`, `loss_weights=[...]`, default all 1; e.g. MPO = sigmoid+bco_pair+sft).
 The loss is the mean over pairs; `rpo_alpha` adds α · the 'sft' term (TRL's migration of RPO:
 loss_type=['sigmoid', 'sft'], loss_weights=[1, α]). Rewards are β · lr whatever the divergence.
+Two TRL options change the inputs of every loss type:
+  ld_alpha       LD-DPO (arXiv 2409.06411): policy and reference logps sum each pair's first
+                 min(len_c, len_r) completion tokens at weight 1 and the rest at ld_alpha ∈ [0, 1].
+  use_weighting  WPO (arXiv 2406.11827 eq. 2): each pair's loss times w_c · w_r, w = exp(mean over
+                 completion tokens of log p(y_t) - log Σ_v p_v²), no gradient through w.
 """
 
 from __future__ import annotations
@@ -186,7 +191,22 @@ def check_config(cfg):
                      f"{F_DIVERGENCE_LOSSES} only (got loss_type {sorted(types)})")
   if float(cfg.get("discopop_tau", 0.05)) <= 0:
     raise ValueError("config.objective.discopop_tau must be > 0")
+  ld_alpha = cfg.get("ld_alpha", None)
+  if ld_alpha is not None and not 0.0 <= float(ld_alpha) <= 1.0:
+    raise ValueError(f"config.objective.ld_alpha={ld_alpha}: must be in [0, 1] (or None)")
+  if cfg.get("use_weighting", False) and types & {"aot", "aot_unpaired"}:
+    raise ValueError("config.objective.use_weighting (WPO) does not work with 'aot' / "
+                     "'aot_unpaired': they sort the pairs, which misaligns per-pair weights")
   return beta, terms, ls, float(cfg.get("rpo_alpha", 0.0) or 0.0)
+
+
+def wpo_weights(pol) -> jax.Array:
+  """[B] WPO pair weights w_c · w_r (no gradient) from stats with `log_sum_sq` (see module doc)."""
+  sg = jax.lax.stop_gradient
+  aligned = (sg(pol["token_logps"]) - pol["log_sum_sq"]) * pol["mask"]
+  w = jnp.exp(aligned.sum(-1) / jnp.maximum(pol["counts"], 1.0))
+  w_c, w_r = pref.halves(w)
+  return w_c * w_r
 
 
 def _pair_loss_sum(terms: Sequence[Tuple[str, float]], w, lr_c, lr_r, ref, pol, cfg, beta, ls):
@@ -210,19 +230,24 @@ def _pair_loss_sum(terms: Sequence[Tuple[str, float]], w, lr_c, lr_r, ref, pol, 
 def dpo(params, batch, rng, ctx):
   """Paired batch (see preference.py) -> (sum of per-pair losses, number of pairs), metrics."""
   del rng
-  beta, terms, ls, rpo_alpha = check_config(ctx.config)
-  pol, ref = pref.paired_forward(params, batch, ctx)
+  cfg = ctx.config
+  beta, terms, ls, rpo_alpha = check_config(cfg)
+  ld_alpha = cfg.get("ld_alpha", None)
+  use_weighting = bool(cfg.get("use_weighting", False))
+  pol, ref = pref.paired_forward(params, batch, ctx, with_sum_sq=use_weighting,
+                                 ld_alpha=None if ld_alpha is None else float(ld_alpha))
   lr_c, lr_r = pref.halves(pol["logps"] - ref)
   w = pref.row_weights(batch, lr_c.shape[0])
   num_pairs = w.sum()
-  loss_sum = _pair_loss_sum(terms, w, lr_c, lr_r, ref, pol, ctx.config, beta, ls)
+  loss_w = w * wpo_weights(pol) if use_weighting else w  # what each pair's losses count
+  loss_sum = _pair_loss_sum(terms, loss_w, lr_c, lr_r, ref, pol, cfg, beta, ls)
   metrics = pref.pair_metrics(pol, beta * lr_c, beta * lr_r, w=w)
   nll_sum, nll_count = pref.chosen_nll(pol)
   metrics["nll_loss"] = (jax.lax.stop_gradient(nll_sum), nll_count)
   sft_weight = rpo_alpha + sum(wt for t, wt in terms if t == "sft")
   if sft_weight:
     # TRL's 'sft' term is a token mean over the whole (micro-)batch, added once per batch.
-    loss_sum = loss_sum + sft_weight * num_pairs * nll_sum / jnp.maximum(nll_count, 1.0)
+    loss_sum = loss_sum + sft_weight * loss_w.sum() * nll_sum / jnp.maximum(nll_count, 1.0)
   correct_c, _ = pref.halves(pol["correct"])
   mask_c, _ = pref.halves(pol["mask"])
   metrics["mean_token_accuracy"] = ((correct_c * mask_c).sum(), mask_c.sum())

@@ -80,13 +80,15 @@ def concat_rows(batch, prefixes: Sequence[str]) -> Dict[str, jax.Array]:
   return out
 
 
-def sequence_stats(model, params, rows, *, with_logits: bool = True) -> Dict[str, jax.Array]:
+def sequence_stats(model, params, rows, *, with_logits: bool = True, token_weights=None,
+                   with_sum_sq: bool = False) -> Dict[str, jax.Array]:
   """One forward over rows [N, T] -> per-sequence stats (float32).
 
-  Returns logps [N] (summed completion log-probs), counts [N] (completion tokens),
-  token_logps [N, T], mask [N, T] (completion targets), valid [N, T] (all real targets), and
-  with_logits: logits_sum [N], the sum over completion tokens of the vocab-mean logit (TRL's
-  `mean_logits`, no gradient), and correct [N, T] (argmax == target).
+  Returns logps [N] (summed completion log-probs, each token times token_weights [N, T] if
+  given), counts [N] (completion tokens), token_logps [N, T], mask [N, T] (completion targets),
+  valid [N, T] (all real targets), and with_logits: logits_sum [N], the sum over completion tokens
+  of the vocab-mean logit (TRL's `mean_logits`, no gradient), and correct [N, T] (argmax ==
+  target); with_sum_sq: log_sum_sq [N, T] = log Σ_v p_v² (no gradient; WPO's weights).
   """
   from ftjax.objectives import moe_aux  # pylint: disable=g-import-not-at-top
   logits, aux = moe_aux.forward_model(model, params, rows)
@@ -97,8 +99,12 @@ def sequence_stats(model, params, rows, *, with_logits: bool = True) -> Dict[str
   seg = rows["segment_ids"] if "segment_ids" in rows else jnp.ones_like(rows["tokens"])
   nxt = jnp.pad(seg[:, 1:], ((0, 0), (0, 1)))
   valid = (seg > 0) & (nxt == seg)
-  out = {"logps": (logp * mask).sum(-1), "counts": mask.sum(-1), "token_logps": logp,
+  weighted = mask if token_weights is None else mask * token_weights
+  out = {"logps": (logp * weighted).sum(-1), "counts": mask.sum(-1), "token_logps": logp,
          "mask": mask, "valid": valid.astype(jnp.float32)}
+  if with_sum_sq:
+    lsm = jax.nn.log_softmax(jax.lax.stop_gradient(logits).astype(jnp.float32), axis=-1)
+    out["log_sum_sq"] = jax.nn.logsumexp(2.0 * lsm, axis=-1)
   if aux is not None:  # MoE router terms; objectives add them with moe_aux.add_terms
     out["moe_aux"] = aux
   if with_logits:
@@ -115,10 +121,23 @@ def _adapters_disabled():
   return peft.adapters_disabled()
 
 
-def reference_logps(params, rows, batch, ctx, cached_keys: Sequence[str]) -> jax.Array:
+def ld_token_weights(loss_mask: jax.Array, ld_alpha: float) -> jax.Array:
+  """LD-DPO (arXiv 2409.06411) token weights [2B, T] for [chosen; rejected] completion masks:
+  1 on each pair's first min(len_c, len_r) completion tokens, ld_alpha on the longer one's tail
+  (TRL 1.16 `ld_alpha`)."""
+  pos = jnp.cumsum(loss_mask, axis=-1)
+  lens_c, lens_r = halves(loss_mask.sum(-1))
+  shared = jnp.minimum(lens_c, lens_r)
+  shared = jnp.concatenate([shared, shared])[:, None]
+  return jnp.where(pos <= shared, 1.0, ld_alpha) * loss_mask
+
+
+def reference_logps(params, rows, batch, ctx, cached_keys: Sequence[str],
+                    token_weights=None) -> jax.Array:
   """Reference summed log-probs [N] for rows [N, T], per config.objective.reference (no grad).
 
   cached_keys: the batch keys holding precomputed values, concatenated in row order.
+  token_weights [N, T]: per-token weights of the sum (LD-DPO); cached values must match them.
   """
   mode = reference_mode(ctx.config)
   n = rows["tokens"].shape[0]
@@ -137,17 +156,25 @@ def reference_logps(params, rows, batch, ctx, cached_keys: Sequence[str]) -> jax
   else:  # adapters_off: same weights, adapters bypassed; no second copy in memory
     ref_params, cm = params, _adapters_disabled()
   with cm:
-    stats = sequence_stats(ctx.model, jax.lax.stop_gradient(ref_params), rows, with_logits=False)
+    stats = sequence_stats(ctx.model, jax.lax.stop_gradient(ref_params), rows, with_logits=False,
+                           token_weights=token_weights)
   return jax.lax.stop_gradient(stats["logps"])
 
 
-def paired_forward(params, batch, ctx, *, need_reference: bool = True):
-  """Policy stats for [chosen; rejected] in one pass, and reference logps [2B] (or None)."""
+def paired_forward(params, batch, ctx, *, need_reference: bool = True, ld_alpha=None,
+                   with_sum_sq: bool = False):
+  """Policy stats for [chosen; rejected] in one pass, and reference logps [2B] (or None).
+
+  ld_alpha: LD-DPO weighting of policy and reference logps (`ld_token_weights`); None = plain sums.
+  """
   rows = concat_rows(batch, ("chosen_", "rejected_"))
-  pol = sequence_stats(ctx.model, params, rows)
+  tw = None if ld_alpha is None else ld_token_weights(rows["loss_mask"].astype(jnp.float32),
+                                                      ld_alpha)
+  pol = sequence_stats(ctx.model, params, rows, token_weights=tw, with_sum_sq=with_sum_sq)
   ref = None
   if need_reference:
-    ref = reference_logps(params, rows, batch, ctx, ("ref_chosen_logps", "ref_rejected_logps"))
+    ref = reference_logps(params, rows, batch, ctx, ("ref_chosen_logps", "ref_rejected_logps"),
+                          token_weights=tw)
   return pol, ref
 
 
@@ -209,11 +236,13 @@ def chosen_nll(pol, mask=None):
 _CACHE_KEYS = {"paired": ("chosen_", "rejected_"), "kto": ("", "kl_")}
 
 
-def precompute_reference(model, ref_params, batches: Iterable[dict], *, kind: str = "paired"):
+def precompute_reference(model, ref_params, batches: Iterable[dict], *, kind: str = "paired",
+                         ld_alpha=None):
   """One pass over `batches` (dicts of numpy arrays with `example_id`) -> cache table.
 
   Returns {"example_id": [N], "ref_chosen_logps": [N], "ref_rejected_logps": [N]} for paired data
   (for kind='kto': "ref_logps", "ref_kl_logps"), numpy float32, padding rows (id < 0) dropped.
+  ld_alpha (paired only): LD-DPO-weighted sums, as the DPO objective computes them.
   """
   prefixes = _CACHE_KEYS[kind]
   names = (("ref_chosen_logps", "ref_rejected_logps") if kind == "paired"
@@ -221,7 +250,9 @@ def precompute_reference(model, ref_params, batches: Iterable[dict], *, kind: st
 
   @jax.jit
   def ref_fn(params, rows):
-    return sequence_stats(model, params, rows, with_logits=False)["logps"]
+    tw = None if ld_alpha is None else ld_token_weights(rows["loss_mask"].astype(jnp.float32),
+                                                        ld_alpha)
+    return sequence_stats(model, params, rows, with_logits=False, token_weights=tw)["logps"]
 
   ids, cols = [], ([], [])
   for batch in batches:
@@ -299,6 +330,9 @@ def reference_cache_wrapper(config, workdir: str, model, ref_params, tokenizer, 
   if config.objective.get("reference") != "precomputed":
     return lambda it, split: it
   kind = "kto" if config.data.get("kind") == "kto" else "paired"
+  ld_alpha = config.objective.get("ld_alpha", None) if kind == "paired" else None
+  # LD-DPO sums differ from plain ones: their own cache file, never a stale plain one.
+  suffix = "" if ld_alpha is None else f"_ld{float(ld_alpha):g}"
   tables: Dict[str, Dict[str, np.ndarray]] = {}
   if make_iter is None:
     def make_iter(split):
@@ -309,11 +343,12 @@ def reference_cache_wrapper(config, workdir: str, model, ref_params, tokenizer, 
 
   def wrap(it, split):
     if split not in tables:
-      path = os.path.join(workdir, f"reference_logps_{split}.npz")
+      path = os.path.join(workdir, f"reference_logps_{split}{suffix}.npz")
       if os.path.exists(path):
         tables[split] = load_reference(path)
       else:
-        tables[split] = precompute_reference(model, ref_params, make_iter(split), kind=kind)
+        tables[split] = precompute_reference(model, ref_params, make_iter(split), kind=kind,
+                                             ld_alpha=ld_alpha)
         if jax.process_index() == 0:
           save_reference(path, tables[split])
     return CachedReference(it, tables[split])
