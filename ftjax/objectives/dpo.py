@@ -6,7 +6,8 @@ score s = f'(π/π_ref) of lr (`f_divergence_type`, f-DPO, arXiv 2309.16240; TRL
   js_divergence  s = log 2 + log σ(lr)       alpha_divergence  s = (exp((α-1) lr) - 1) / (α-1)
 and d = s_c - s_r, the per-pair losses are (TRL line refs, 1.16):
   sigmoid    -(1-ls) log σ(β d) - ls log σ(-β d)   (ls = label_smoothing = conservative DPO, as TRL
-             <= 0.x; TRL 1.16 dropped ls from 'sigmoid', identical at ls = 0)            (l.1387)
+             <= 0.x; TRL 1.16 dropped ls from 'sigmoid', identical at ls = 0, so a list mixing
+             'sigmoid' with an ε for exo_pair / robust / aot differs from TRL 1.16)     (l.1387)
   hinge      relu(1 - β d)  (SLiC, arXiv 2305.10425)                                    (l.1390)
   ipo        (d_avg - 1/(2β))², d_avg: scores divided by completion token counts (IPO) (l.1393)
   exo_pair   KL(q ‖ p_ε), q = (σ(β d), σ(-β d)), p_ε = (1-ε, ε), ε = ls > 0 (EXO, 2402.00856)
