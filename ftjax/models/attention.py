@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.models.config import ModelConfig
+from ftjax.models.flash import flash_attention
 from ftjax.models.layers import Linear, Norm, apply_rope, constrain
 
 
@@ -55,15 +56,26 @@ def _attend_explicit(q, k, v, mask, scale, softcap):
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-def attend(q, k, v, mask, scale: float, softcap: Optional[float], impl: Optional[str]):
-  """impl: None = auto (jax.nn.dot_product_attention on GPU, which picks cuDNN when it can;
-  the explicit path elsewhere), 'xla' = explicit path, 'cudnn' / 'jax' = jax.nn's kernels."""
+def attend(q, k, v, segment_ids, scale: float, softcap: Optional[float], impl: Optional[str],
+           window: Optional[int] = None, use_window=None):
+  """Causal self-attention over packed segments; q [B,T,N,H], k/v [B,T,K,H] -> [B,T,N,H].
+
+  impl: None = auto (jax.nn.dot_product_attention on GPU, which picks cuDNN when it can;
+  the blockwise `flash` path elsewhere), 'flash' = ftjax.models.flash (causal blocks, hand-written
+  backward; the fastest on CPU), 'xla' = one explicit masked softmax, 'cudnn' / 'jax' = jax.nn's
+  kernels. Logit soft-capping (Gemma 2) always takes the explicit path.
+  """
   if impl is None:
-    impl = "jax" if jax.default_backend() == "gpu" and softcap is None else "xla"
-  if impl == "xla" or softcap is not None:
+    impl = "jax" if jax.default_backend() == "gpu" else "flash"
+  if impl not in ("flash", "xla", "cudnn", "jax"):
+    raise ValueError(f"model.attention_impl: unknown {impl!r} (None | flash | xla | cudnn | jax)")
+  if impl == "flash" and softcap is None:
+    return flash_attention(q, k, v, segment_ids, scale, window, use_window)
+  mask = attention_mask(segment_ids, window, use_window)
+  if impl in ("xla", "flash"):
     return _attend_explicit(q, k, v, mask, scale, softcap)
-  if impl not in ("cudnn", "jax"):
-    raise ValueError(f"model.attention_impl: unknown {impl!r} (None | xla | cudnn | jax)")
+  if softcap is not None:
+    return _attend_explicit(q, k, v, mask, scale, softcap)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                       implementation="cudnn" if impl == "cudnn" else None)
 
@@ -91,8 +103,8 @@ class Attention(nn.Module):
     use_window = None
     if cfg.sliding_window is not None and cfg.sliding_window_pattern > 1:
       use_window = (layer_idx % cfg.sliding_window_pattern) == 0
-    mask = attention_mask(segment_ids, cfg.sliding_window, use_window)
     scale = (cfg.query_pre_attn_scalar or h) ** -0.5
-    out = attend(q, k, v, mask, scale, cfg.attn_logit_softcap, cfg.attention_impl)
+    out = attend(q, k, v, segment_ids, scale, cfg.attn_logit_softcap, cfg.attention_impl,
+                 cfg.sliding_window, use_window)
     out = out.reshape(b, t, n * h)
     return Linear(x.shape[-1], ("heads", "embed"), cfg, cfg.o_bias, name="o_proj")(out)

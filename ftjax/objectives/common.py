@@ -20,9 +20,14 @@ def forward(model, params, batch, prefix: str = "", rng=None, **kw):
 
 
 def token_logps(logits: jax.Array, targets: jax.Array):
-  """log p(target) [B, T] and argmax-correct [B, T] without materialising one-hot targets."""
+  """log p(target) [B, T] and argmax-correct [B, T] without materialising one-hot targets.
+
+  "Correct" is target logit == row max (an argmax tie counts as correct), read off the max the
+  log-sum-exp needs anyway: a separate argmax is a (value, index) reduction that XLA:CPU does not
+  vectorise, ~5% of an SFT step on the bench model.
+  """
   logits = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
+  top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  lse = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1)) + top[..., 0]
   picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  correct = jnp.argmax(logits, axis=-1) == targets
-  return picked - lse, correct
+  return picked - lse, picked >= top[..., 0]
