@@ -73,3 +73,24 @@ def test_attend_dispatch_and_errors():
 
 def test_block_size():
   assert block_size(512) == 128 and block_size(100) == 100 and block_size(4096) == 512
+
+
+def test_swiglu_grads_match_autodiff():
+  from ftjax.models.layers import swiglu
+  r = np.random.default_rng(3)
+  g, u, dy = (jnp.asarray(r.standard_normal((4, 6)) * 3, jnp.float32) for _ in range(3))
+  ref = jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u)
+  got = jax.vjp(swiglu, g, u)
+  np.testing.assert_allclose(got[0], ref[0], atol=1e-6)
+  for a, b in zip(got[1](dy), ref[1](dy)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_causal_only_path_matches_segments_of_ones():
+  """segment_ids=None masks only the diagonal blocks; must equal the full-mask path."""
+  q, k, v, do = _inputs(2, 80, 4, 2, 8, seed=5)
+  ones = jnp.ones((2, 80), jnp.int32)
+  a = _value_and_grads(lambda q, k, v: flash_attention(q, k, v, None, 0.35, block=32), q, k, v, do)
+  b = _value_and_grads(lambda q, k, v: flash_attention(q, k, v, ones, 0.35, block=32), q, k, v, do)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)

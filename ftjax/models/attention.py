@@ -71,6 +71,8 @@ def attend(q, k, v, segment_ids, scale: float, softcap: Optional[float], impl: O
     raise ValueError(f"model.attention_impl: unknown {impl!r} (None | flash | xla | cudnn | jax)")
   if impl == "flash" and softcap is None:
     return flash_attention(q, k, v, segment_ids, scale, window, use_window)
+  if segment_ids is None:
+    segment_ids = jnp.ones(q.shape[:2], jnp.int32)
   mask = attention_mask(segment_ids, window, use_window)
   if impl in ("xla", "flash"):
     return _attend_explicit(q, k, v, mask, scale, softcap)

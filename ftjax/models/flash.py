@@ -60,7 +60,12 @@ def _forward(qh, kh, vh, seg, use_window, bq, window):
   for i0, i1 in _blocks(qh.shape[2], bq):
     s = jnp.einsum("bksh,bkqgh->bksqg", kh[:, :, :i1], qh[:, :, i0:i1],
                    preferred_element_type=jnp.float32)
-    s = jnp.where(_mask_T(seg, use_window, i0, i1, window), s, _NEG)
+    if seg is None and window is None:
+      # Only causal: keys [0, i0) are all visible, so mask just the diagonal square in place.
+      diag = jnp.where(_mask_T(None, None, i0, i1, None)[:, :, i0:], s[:, :, i0:], _NEG)
+      s = s.at[:, :, i0:].set(diag)
+    else:
+      s = jnp.where(_mask_T(seg, use_window, i0, i1, window), s, _NEG)
     p = jnp.exp(s - jnp.max(s, axis=2, keepdims=True))
     p = p / jnp.sum(p, axis=2, keepdims=True)
     outs.append(jnp.einsum("bksh,bksqg->bkhqg", vh[:, :, :i1], p.astype(vh.dtype)))

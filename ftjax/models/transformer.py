@@ -89,8 +89,8 @@ class Decoder(nn.Module):
                segment_ids: Optional[jax.Array] = None, return_hidden: bool = False):
     cfg = self.cfg
     b, t = tokens.shape
-    if segment_ids is None:
-      segment_ids = jnp.ones((b, t), jnp.int32)
+    # segment_ids None = one unpadded sequence per row: attention then needs only the causal
+    # mask (the flash path masks just its diagonal blocks); MoE treats every token as real.
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     x = self.embed_tokens(tokens)
