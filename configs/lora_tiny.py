@@ -1,4 +1,4 @@
-"""LoRA variant of the shipped SFT run (configs/sft_tiny.py): r 8, alpha 16, every linear layer.
+r"""LoRA variant of the shipped SFT run (configs/sft_tiny.py): r 8, alpha 16, every linear layer.
 
   ftjax train --config configs/lora_tiny.py --workdir runs/lora_tiny
   ftjax train --config configs/lora_tiny.py:init=runs/sft_tiny --workdir runs/lora_tiny
@@ -8,7 +8,9 @@ Only the adapters train (~9% of the tiny model's weights at r 8) and get optimiz
 is frozen. LoRA is meant for a pretrained base: `init=DIR` starts from another run's checkpoint
 (e.g. the SFT run); from random weights it still learns, but slower than full fine-tuning.
 Variants: --config.peft.r=16 --config.peft.use_rslora=True
---config.peft.target_modules='("q_proj","v_proj")' --config.peft.dropout=0.05.
+--config.peft.target_modules='("q_proj","v_proj")' (a list; a plain string is a regex, e.g.
+'.*self_attn\.(q|v)_proj') --config.peft.modules_to_save='("lm_head",)' (trained in full)
+--config.peft.dropout=0.05.
 The same `ftjax.peft.configs.derive` builds the dora_*, qlora_* and hft_* configs.
 """
 

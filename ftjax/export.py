@@ -1,7 +1,9 @@
 """`ftjax export`: a training workdir -> a Hugging Face model dir (merged) or a PEFT adapter dir.
 
 A reward-model run (model.head 'reward' or objective 'reward') is written as
-`AutoModelForSequenceClassification` (num_labels=1, `ftjax.models.reward.export_reward_hf`).
+`AutoModelForSequenceClassification` (num_labels=1, `ftjax.models.reward.export_reward_hf`);
+with --adapter, as a PEFT SEQ_CLS adapter whose modules_to_save holds the trained `score` head
+(`PeftModel.from_pretrained` on the base `AutoModelForSequenceClassification`).
 """
 
 from __future__ import annotations
@@ -62,9 +64,6 @@ def export_workdir(workdir: str, out_dir: str, adapter_only: bool = False) -> st
   config, model_cfg, params, tokenizer = load_run(workdir)
   peft_on = config.peft.get("method", "none") not in ("none", "", None)
   reward = is_reward_run(config, model_cfg)
-  if adapter_only and reward:
-    raise ValueError("--adapter: a reward model's trained score head is not a LoRA adapter; "
-                     "export the merged model (drop --adapter)")
   if adapter_only:
     if not peft_on or config.peft.method == "hft":
       raise ValueError("--adapter: this run has no LoRA/DoRA adapter (config.peft.method="

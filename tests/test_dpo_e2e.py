@@ -3,6 +3,8 @@ DPO loss equal TRL 1.16's (`DPOTrainer._compute_loss` with its fused LM head on 
 batch from TRL's own `DataCollatorForPreference`); the LoRA 'adapters_off' reference equals the
 base model; `precompute_reference` caches what the 'copy' reference computes."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -104,6 +106,10 @@ def test_adapters_off_reference_is_the_base_model(tiny):
   policy = jax.jit(lambda p: pref.sequence_stats(model, p, rows)["logps"])(lparams)
   np.testing.assert_allclose(np.asarray(off), np.asarray(base), rtol=1e-5, atol=1e-4)
   assert np.abs(np.asarray(policy) - np.asarray(base)).max() > 1e-3
+  # Modules trained in full are not switched off with the adapters: no silent wrong reference.
+  saving = Decoder(lcfg.replace(peft=dataclasses.replace(lcfg.peft, modules_to_save=("lm_head",))))
+  with pytest.raises(ValueError, match="modules_to_save"):
+    ref_logps("adapters_off", saving, lparams)
 
   # cached reference == the 'copy' reference, looked up by example_id
   host = {k: np.asarray(v) for k, v in batch.items()}

@@ -121,6 +121,60 @@ def test_mask_split_merge_and_targets(base):
   assert "lora_A" not in shapes["layers"]["mlp"]["gate_proj"]
 
 
+def _cli_config(*overrides):
+  """configs/lora_tiny.py through the command-line override path (`ftjax train` parses the same)."""
+  from absl import flags
+  from ml_collections import config_flags
+  from conftest import REPO
+  fv = flags.FlagValues()
+  argv = ["x", f"--config={REPO}/configs/lora_tiny.py", *overrides]
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def _targeted(pc):
+  cfg = peft.apply_peft(CFG, pc)
+  shapes = jax.eval_shape(lambda: nn.unbox(Decoder(cfg).init(
+      jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]))
+  return sorted(p[-1] for p, d in peft.tree.module_dicts(shapes) if "lora_A" in d)
+
+
+@pytest.mark.parametrize("flag, want", [
+    ("""--config.peft.target_modules=("q_proj","v_proj")""", ["q_proj", "v_proj"]),
+    ("--config.peft.target_modules=['o_proj']", ["o_proj"]),
+    (r"--config.peft.target_modules=.*self_attn\.(q|k)_proj", ["k_proj", "q_proj"]),
+    ("--config.peft.target_modules=all-linear",
+     ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+])
+def test_target_modules_from_the_command_line(flag, want):
+  c = _cli_config(flag)
+  assert _targeted(c.peft) == want
+  # A string-typed field (a hand-written config) gets the same list from a tuple-looking string.
+  assert _targeted(_peft(target_modules=flag.partition("=")[2])) == want
+
+
+def test_modules_to_save_trains_in_full(base):
+  c = _cli_config("--config.peft.target_modules=('q_proj',)",
+                  "--config.peft.modules_to_save=lm_head")
+  untied = CFG.replace(tie_embeddings=False)
+  head = nn.unbox(Decoder(untied).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  cfg = peft.apply_peft(untied, c.peft)
+  assert cfg.peft.modules_to_save == ("lm_head",)
+  params = peft.init_adapters(head, Decoder(cfg), jax.random.key(2), jnp.zeros((1, 4), jnp.int32))
+  train, _ = peft.split_trainable(params, peft.trainable_mask(params, c.peft))
+  assert set(train) == {"layers", "lm_head"} and set(train["lm_head"]) == {"kernel"}
+  with pytest.raises(ValueError, match="match no module.*available"):
+    peft.apply_peft(untied, _peft(modules_to_save=["nope"]))
+  with pytest.raises(ValueError, match="also a LoRA target"):
+    peft.apply_peft(untied, _peft(modules_to_save=["q_proj"]))
+  with pytest.raises(ValueError, match="tied"):
+    peft.apply_peft(CFG.replace(tie_embeddings=True), _peft(modules_to_save=["embed_tokens"]))
+  with pytest.raises(ValueError, match="NF4"):
+    peft.apply_peft(untied, _peft("qlora", target_modules=["q_proj"], modules_to_save=["k_proj"]))
+
+
 def test_dropout_uses_dropout_rng(base):
   cfg, params = _adapted(base, _peft(dropout=0.5))
   params = _perturb(params, 1.0)

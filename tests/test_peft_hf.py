@@ -42,6 +42,7 @@ def _perturb(params):
 @pytest.mark.parametrize("kw", [
     dict(use_rslora=True, rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 4}),
     dict(method="dora", target_modules=["q_proj", "v_proj", "up_proj"]),
+    dict(target_modules=["q_proj"], modules_to_save=["lm_head", "k_proj"]),  # trained in full
 ])
 def test_export_loads_in_peft_with_same_logits(llama, tmp_path, kw):
   path, cfg, base = llama
@@ -49,6 +50,10 @@ def test_export_loads_in_peft_with_same_logits(llama, tmp_path, kw):
   pcfg = peft.apply_peft(cfg, pc)
   params = _perturb(peft.init_adapters(base, Decoder(pcfg), jax.random.key(0),
                                        np.zeros((1, 4), np.int32)))
+  saved = kw.get("modules_to_save", ())
+  params = jax.tree_util.tree_map_with_path(  # the modules_to_save weights move too
+      lambda p, x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape)
+      if p[-1].key == "kernel" and p[-2].key in saved else x, params)
   out = peft.export_adapter(params, pcfg, tmp_path / "adapter", base_model_name_or_path=path)
   model = hf_peft.PeftModel.from_pretrained(_torch_model(path), str(out))
   tokens, mask = padding_batch(cfg.vocab_size)

@@ -108,18 +108,18 @@ def test_bradley_terry_matches_trl(hf_reward_dir, use_margin, center):
 @pytest.fixture(scope="module", params=["none", "lora"])
 def reward_run(request, tmp_path_factory):
   """A 2-step reward run of configs/reward_tiny.py on a tiny model (random init), full FT or LoRA
-  (exported merged)."""
+  on all-linear (the score head is left out of all-linear and trains in full, as PEFT SEQ_CLS)."""
   from ftjax import train
   from ftjax.config import load_config
   from ftjax.peft.configs import default_config
   c = load_config("reward_tiny:steps=2,sft=")
-  if request.param != "none":  # named targets: 'all-linear' would also pick the [hidden, 1] score
-    c.peft = default_config(request.param, r=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
+  if request.param != "none":
+    c.peft = default_config(request.param, r=4, alpha=8.0, target_modules="all-linear")
   c.model.update(dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                       num_kv_heads=2))
   c.train.update(dict(batch_size=8, log_every=1))
   c.eval.update(dict(every=0))
-  c.checkpoint.update(dict(async_save=False, every=2))
+  c.checkpoint.update(dict(async_save=False, every=1, keep=2))
   c.data.train = c.data.eval  # the small held-out split: a short first pass
   wd = str(tmp_path_factory.mktemp("reward_run") / "run")
   train.run(c, wd)
@@ -142,8 +142,63 @@ def test_cli_export_of_a_reward_run_loads_in_transformers(reward_run, tmp_path):
   assert np.ptp(ours) > 0  # scores differ per sequence, so the read position matters
 
 
-def test_cli_export_adapter_of_a_reward_run_is_an_error(reward_run, tmp_path, capsys):
-  from ftjax import cli
-  rc = cli.main(["ftjax", "export", f"--workdir={reward_run}", f"--out={tmp_path / 'a'}",
-                 "--adapter"])
-  assert rc == 1 and "reward" in capsys.readouterr().err
+def _run_params(workdir, step):
+  from ftjax.train.checkpoint import Checkpointer
+  import ml_collections
+  ck = Checkpointer(f"{workdir}/checkpoints", ml_collections.ConfigDict({"async_save": False}))
+  trainable, frozen, _ = ck.restore_params(step)
+  ck.close()
+  return trainable, frozen
+
+
+def test_score_head_trains_under_lora(reward_run):
+  from ftjax.export import load_run
+  config, cfg, _, _ = load_run(reward_run)
+  (t1, f1), (t2, _) = _run_params(reward_run, 1), _run_params(reward_run, 2)
+  assert "score" in t1 and "score" not in f1  # trainable in both modes
+  assert not np.allclose(t1["score"]["kernel"], t2["score"]["kernel"])
+  if config.peft.method != "none":
+    assert "lora_A" in t1["layers"]["mlp"]["down_proj"] and "kernel" not in t1["layers"]["mlp"]
+    assert "score" not in str(config.peft.target_modules)
+
+
+def test_cli_export_adapter_of_a_reward_run(reward_run, tmp_path, capsys):
+  """--adapter: a PEFT SEQ_CLS adapter (score in modules_to_save) that PeftModel loads on the
+  base AutoModelForSequenceClassification with ftjax's scores, and ftjax loads back."""
+  import json
+  import peft as hf_peft
+  from ftjax import cli, peft
+  from ftjax.export import load_run
+  out = tmp_path / "adapter"
+  rc = cli.main(["ftjax", "export", f"--workdir={reward_run}", f"--out={out}", "--adapter"])
+  config, cfg, params, tok = load_run(reward_run)
+  if config.peft.method == "none":
+    assert rc == 1 and "no LoRA/DoRA adapter" in capsys.readouterr().err
+    return
+  assert rc == 0
+  acfg = json.loads((out / "adapter_config.json").read_text())
+  assert acfg["task_type"] == "SEQ_CLS" and acfg["modules_to_save"] == ["score"]
+  # The base model: frozen weights with a different (zero) score, so only the adapter's can match.
+  base = _strip_adapters(params)
+  base["score"] = {"kernel": np.zeros_like(params["score"]["kernel"])}
+  base_cfg = cfg.replace(peft=None, head="reward")
+  base_dir = export_reward_hf(base, base_cfg, str(tmp_path / "base"), pad_token_id=tok.pad_token_id)
+  ids, mask = _padded(np.random.RandomState(5), 4, 12, cfg.vocab_size)
+  ids[np.arange(4), mask.sum(1) - 1] = tok.eos_token_id
+  ours = _ours(cfg.replace(head="reward"), params, ids, mask)
+  hf_base = transformers.AutoModelForSequenceClassification.from_pretrained(
+      base_dir, dtype=torch.float32)
+  model = hf_peft.PeftModel.from_pretrained(hf_base, str(out))
+  model.eval()
+  with torch.no_grad():
+    theirs = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits[:, 0]
+  np.testing.assert_allclose(theirs.numpy(), ours, atol=1e-4)
+  back, back_cfg = peft.load_adapter(str(out), base, base_cfg)
+  np.testing.assert_allclose(_ours(back_cfg, back, ids, mask), ours, atol=1e-5)
+
+
+def _strip_adapters(tree):
+  if not isinstance(tree, dict):
+    return np.asarray(tree)
+  return {k: _strip_adapters(v) for k, v in tree.items()
+          if k not in ("lora_A", "lora_B", "lora_magnitude")}

@@ -154,6 +154,11 @@ def reference_logps(params, rows, batch, ctx, cached_keys: Sequence[str],
       raise ValueError("config.objective.reference='copy' but no reference params were given")
     ref_params, cm = ctx.ref_params, contextlib.nullcontext()
   else:  # adapters_off: same weights, adapters bypassed; no second copy in memory
+    spec = getattr(getattr(ctx.model, "cfg", None), "peft", None)
+    if getattr(spec, "modules_to_save", ()):
+      raise ValueError("config.objective.reference='adapters_off' with config.peft."
+                       "modules_to_save: those modules train in full, so the adapters-off model "
+                       "is not the base model; use reference='copy' or 'precomputed'")
     ref_params, cm = params, _adapters_disabled()
   with cm:
     stats = sequence_stats(ctx.model, jax.lax.stop_gradient(ref_params), rows, with_logits=False,

@@ -10,6 +10,7 @@ PEFT-format I/O (io.py): `export_adapter`, `load_adapter`. Half Fine-Tuning (hft
 
 config.peft keys: method (none | lora | dora | qlora | hft), r, alpha, dropout, target_modules
 (list of names, regex string or 'all-linear'; 'embed_tokens' and 'lm_head' are targeted by name),
+modules_to_save (names of modules trained in full; a reward model's 'score' head always is),
 rank_pattern, alpha_pattern (dicts), use_rslora, use_dora, quantize (None | 'nf4'), block_size
 (64), double_quant; HFT: round_len, seed.
 """

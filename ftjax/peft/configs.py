@@ -6,12 +6,19 @@ import ml_collections
 
 
 def default_config(method: str, **overrides) -> ml_collections.ConfigDict:
-  """config.peft with every key present (so --config.peft.X flags work on a locked config)."""
+  """config.peft with every key present (so --config.peft.X flags work on a locked config).
+
+  target_modules and modules_to_save hold a string or a list, so they are typed `object`: the
+  command line then parses `--config.peft.target_modules='("q_proj","v_proj")'` as a tuple and
+  keeps `all-linear` or a regex as a string.
+  """
   p = dict(method=method, r=8, alpha=16.0, dropout=0.0, target_modules="all-linear",
-           rank_pattern={}, alpha_pattern={}, use_rslora=False, use_dora=method == "dora",
-           quantize="nf4" if method == "qlora" else "", block_size=64, double_quant=False,
-           round_len=100, seed=0)
+           modules_to_save=(), rank_pattern={}, alpha_pattern={}, use_rslora=False,
+           use_dora=method == "dora", quantize="nf4" if method == "qlora" else "", block_size=64,
+           double_quant=False, round_len=100, seed=0)
   p.update(overrides)
+  for key in ("target_modules", "modules_to_save"):
+    p[key] = ml_collections.FieldReference(p[key], field_type=object)
   return ml_collections.ConfigDict(p)
 
 

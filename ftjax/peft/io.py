@@ -4,6 +4,9 @@ Keys are `base_model.model.<HF module name>.lora_A.weight` [r, in], `...lora_B.w
 and `...lora_magnitude_vector` [out] (DoRA), one per layer (our stacked [L, ...] arrays are split).
 The embedding uses PEFT's lora.Embedding keys `base_model.model.model.embed_tokens.lora_embedding_A`
 [r, V] and `...lora_embedding_B` [D, r]; the LM head is `base_model.model.lm_head.lora_A.weight`.
+Modules trained in full (modules_to_save, a reward model's `score` head) are saved whole as PEFT
+saves them: `base_model.model.<HF module name>.weight` (HF layout, [out, in]) and `.bias`; a
+reward model's adapter has task_type SEQ_CLS and loads on `AutoModelForSequenceClassification`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax.peft.spec import EMBED, HEAD, AdapterSpec, hf_name, resolve
-from ftjax.peft.tree import init_adapters, linear_dicts, module_dicts
+from ftjax.peft.tree import (init_adapters, linear_dicts, module_dicts, save_names,
+                             saved_modules, weight_dicts)
 
 _PREFIX = "base_model.model."
 _LAYOUT_UNSUPPORTED = ("gpt2",)  # HF fuses q/k/v into c_attn: no 1:1 module names
@@ -81,32 +85,52 @@ def export_adapter(params, model_cfg, out_dir: str,
         rank_pattern[hf_name(path, i)] = rank
       if alpha != spec.alpha:
         alpha_pattern[hf_name(path, i)] = _num(alpha)
+  to_save = save_names(spec, params)
+  for path, d in saved_modules(params, to_save):
+    for leaf, suffix in _full_keys(d):
+      for i in _layers(path, d[leaf]):
+        x = np.asarray(d[leaf] if i is None else d[leaf][i], np.float32)
+        tensors[f"{_PREFIX}{hf_name(path, i)}.{suffix}"] = np.ascontiguousarray(
+            x.T if leaf == "kernel" else x)
   os.makedirs(out_dir, exist_ok=True)
   save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
   config = dict(
-      peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
+      peft_type="LORA", task_type="SEQ_CLS" if "score" in params else "CAUSAL_LM",
+      base_model_name_or_path=base_model_name_or_path,
       r=spec.r, lora_alpha=_num(spec.alpha), lora_dropout=spec.dropout,
       target_modules=_target_modules(params, spec, model_cfg.num_layers),
       use_rslora=spec.use_rslora, use_dora=spec.use_dora, rank_pattern=rank_pattern,
       alpha_pattern=alpha_pattern, bias="none", fan_in_fan_out=False, init_lora_weights=True,
-      inference_mode=True, modules_to_save=None, layers_to_transform=None, layers_pattern=None)
+      inference_mode=True, modules_to_save=list(to_save) or None, layers_to_transform=None,
+      layers_pattern=None)
   with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
     json.dump(config, f, indent=2)
   return out_dir
+
+
+def _full_keys(d):
+  """(our leaf, HF parameter name) of a module saved whole: a Linear's kernel (transposed to HF's
+  [out, in]) and bias, or an embedding table."""
+  return [(leaf, "weight" if leaf in ("kernel", "embedding") else leaf)
+          for leaf in ("kernel", "embedding", "bias") if leaf in d]
 
 
 def _num(x):
   return int(x) if float(x).is_integer() else float(x)
 
 
-_UNSUPPORTED = {"layers_to_transform": None, "layers_pattern": None, "modules_to_save": None,
-                "bias": "none", "fan_in_fan_out": False, "lora_bias": False,
+_UNSUPPORTED = {"layers_to_transform": None, "layers_pattern": None, "bias": "none",
+                "fan_in_fan_out": False, "lora_bias": False,
                 "exclude_modules": None, "layer_replication": None, "target_parameters": None,
                 "trainable_token_indices": None, "use_qalora": False, "use_bdlora": None,
                 "ensure_weight_tying": False}
 
 
-def spec_from_adapter_config(cfg: dict, where: str, base: Optional[AdapterSpec]) -> AdapterSpec:
+def spec_from_adapter_config(cfg: dict, where: str, base: Optional[AdapterSpec],
+                             modules=()) -> AdapterSpec:
+  """AdapterSpec of a PEFT adapter_config.json. `modules`: HF names of the base model's modules;
+  modules_to_save entries that name none of them are dropped (PEFT's SEQ_CLS task always lists
+  'classifier' and 'score', and ignores the one a model lacks)."""
   if cfg.get("peft_type") != "LORA":
     raise ValueError(f"{where}: peft_type={cfg.get('peft_type')!r}; only LORA is supported")
   for key, default in _UNSUPPORTED.items():
@@ -119,13 +143,16 @@ def spec_from_adapter_config(cfg: dict, where: str, base: Optional[AdapterSpec])
     target = tuple(target)
   quant = dict(quantize=base.quantize, block_size=base.block_size,
                double_quant=base.double_quant) if base is not None else {}
+  save = cfg.get("modules_to_save") or ()
+  save = tuple(t for t in ([save] if isinstance(save, str) else save)
+               if any(m == t or m.endswith("." + t) for m in modules))
   return AdapterSpec(
       r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", 8)),
       dropout=float(cfg.get("lora_dropout", 0.0)), target_modules=target,
       rank_pattern=tuple(sorted((cfg.get("rank_pattern") or {}).items())),
       alpha_pattern=tuple(sorted((cfg.get("alpha_pattern") or {}).items())),
       use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
-      **quant)
+      modules_to_save=save, **quant)
 
 
 def load_adapter(adapter_dir: str, base_params, model_cfg):
@@ -144,7 +171,8 @@ def load_adapter(adapter_dir: str, base_params, model_cfg):
                               "adapter_config.json and adapter_model.safetensors)")
   with open(cpath) as f:
     acfg = json.load(f)
-  spec = spec_from_adapter_config(acfg, cpath, getattr(model_cfg, "peft", None))
+  names = [hf_name(p, 0 if "layers" in p else None) for p, _ in weight_dicts(base_params)]
+  spec = spec_from_adapter_config(acfg, cpath, getattr(model_cfg, "peft", None), names)
   cfg = model_cfg.replace(peft=spec)
   params = init_adapters(base_params, Decoder(cfg), jax.random.key(0),
                          jnp.zeros((1, 2), jnp.int32))
@@ -163,6 +191,19 @@ def load_adapter(adapter_dir: str, base_params, model_cfg):
     return np.asarray(t, np.float32).astype(dtype)
 
   _load_embedding_weights(params, cfg, tensors, take)
+  for path, d in saved_modules(params, save_names(spec, params)):
+    if path in (EMBED, HEAD):  # read above (PEFT's embedding-layer keys are the same)
+      continue
+    for leaf, suffix in _full_keys(d):
+      arr = d[leaf]
+      per = []
+      for i in _layers(path, arr):
+        one = arr[i] if i is not None else arr
+        shape = one.shape[::-1] if leaf == "kernel" else one.shape
+        t = take(f"{_PREFIX}{hf_name(path, i)}.{suffix}", shape, arr.dtype)
+        per.append(t.T if leaf == "kernel" else t)
+      stacked = np.stack(per) if "layers" in path else per[0]
+      d[leaf] = jax.device_put(np.ascontiguousarray(stacked), arr.sharding)
   for path, d in module_dicts(params):
     if "lora_A" not in d:
       continue

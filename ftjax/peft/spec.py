@@ -5,7 +5,13 @@ Module names are Hugging Face's: the Linear at Flax path ('layers', 'self_attn',
 `alpha_pattern` read exactly as in a PEFT `LoraConfig`:
   - a list of names: a module is targeted when its name equals an entry or ends with '.' + entry;
   - a string: a regex that must full-match the module name;
-  - 'all-linear': every Linear except the LM head (as in PEFT); never the embedding.
+  - 'all-linear': every Linear except the output layer (the LM head, or a reward model's `score`,
+    as PEFT for CAUSAL_LM / SEQ_CLS); never the embedding.
+A list may also come as a string that reads as a Python list/tuple ('("q_proj","v_proj")'), which is
+how a command-line override of a string-typed config field arrives.
+`modules_to_save` (PEFT's name) lists modules trained in full next to the adapters (suffix match as
+for target_modules): Linears, `lm_head`, `embed_tokens`. A reward model's `score` head is always one
+of them, as PEFT's SEQ_CLS task adds 'score' to modules_to_save.
 The token embedding (`model.embed_tokens`, PEFT's lora.Embedding) and the LM head (`lm_head`,
 also when tied to the embedding) are targeted by name like any other module.
 Layers are stacked (nn.scan), so a pattern must select the same modules with the same rank/alpha in
@@ -14,6 +20,7 @@ every layer; a pattern that picks some layers only is an error.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import math
@@ -23,7 +30,8 @@ from typing import Optional, Tuple, Union
 ADAPTER_LEAVES = ("lora_A", "lora_B", "lora_magnitude")
 EMBED = ("embed_tokens",)  # Flax paths of the two non-Linear targets
 HEAD = ("lm_head",)
-_NOT_ALL_LINEAR = ("model.embed_tokens", "lm_head")
+SCORE = ("score",)  # reward model head (HF AutoModelForSequenceClassification `score`)
+_NOT_ALL_LINEAR = ("model.embed_tokens", "lm_head", "score")
 METHODS = ("none", "lora", "dora", "qlora", "hft")
 
 
@@ -41,6 +49,7 @@ class AdapterSpec:
   quantize: Optional[str] = None  # None | 'nf4' (QLoRA: every Linear's base kernel)
   block_size: int = 64  # NF4 block along the input dim
   double_quant: bool = False  # NF4 absmax stored as int8 + per-row scale + offset
+  modules_to_save: Tuple[str, ...] = ()  # trained in full (HF module names / suffixes)
 
   def __post_init__(self):
     if int(self.r) <= 0:
@@ -65,8 +74,8 @@ class AdapterSpec:
 
 def hf_name(path: Tuple[str, ...], layer: Optional[int]) -> str:
   """Flax module path -> HF module name; `layer` fills the stacked 'layers' axis."""
-  if path == HEAD:
-    return "lm_head"
+  if path in (HEAD, SCORE):
+    return path[0]
   parts = ["model"]
   for p in path:
     parts.append(p)
@@ -75,12 +84,35 @@ def hf_name(path: Tuple[str, ...], layer: Optional[int]) -> str:
   return ".".join(parts)
 
 
+def name_list(value, key: str):
+  """A str (regex / name) or a tuple of names from a config value; a string that reads as a Python
+  list or tuple ('("q_proj","v_proj")', from a command-line override) becomes that tuple."""
+  if isinstance(value, str):
+    text = value.strip()
+    if text[:1] in "([" and text[-1:] in ")]":
+      try:
+        parsed = ast.literal_eval(text)
+      except (SyntaxError, ValueError):
+        parsed = None  # a regex such as '(q|v)_proj'
+      if isinstance(parsed, (list, tuple)):
+        if not all(isinstance(t, str) for t in parsed):
+          raise ValueError(f"config.peft.{key}={value!r}: entries must be strings")
+        return tuple(parsed)
+    return value
+  return tuple(str(t) for t in value)
+
+
+def name_hit(names, name: str) -> bool:
+  """PEFT's list rule: `name` equals an entry or ends with '.' + entry."""
+  return any(name == t or name.endswith("." + t) for t in names)
+
+
 def _target_hit(target, name: str) -> bool:
   if target == "all-linear":
     return name not in _NOT_ALL_LINEAR
   if isinstance(target, str):
     return re.fullmatch(target, name) is not None
-  return any(name == t or name.endswith("." + t) for t in target)
+  return name_hit(target, name)
 
 
 def _pattern_value(patterns, name, default):
@@ -140,9 +172,9 @@ def spec_from_config(peft_cfg) -> Optional[AdapterSpec]:
   method = method_of(peft_cfg)
   if method in ("none", "hft"):
     return None
-  target = _get(peft_cfg, "target_modules", "all-linear")
-  if not isinstance(target, str):
-    target = tuple(str(t) for t in target)
+  target = name_list(_get(peft_cfg, "target_modules", "all-linear"), "target_modules")
+  save = name_list(_get(peft_cfg, "modules_to_save", ()) or (), "modules_to_save")
+  save = tuple(t for t in ((save,) if isinstance(save, str) else save) if t)
   def pattern(key):
     v = _get(peft_cfg, key, {}) or {}
     return tuple(sorted(dict(v.to_dict() if hasattr(v, "to_dict") else v).items()))
@@ -157,4 +189,4 @@ def spec_from_config(peft_cfg) -> Optional[AdapterSpec]:
       use_rslora=bool(_get(peft_cfg, "use_rslora", False)),
       use_dora=bool(_get(peft_cfg, "use_dora", False)) or method == "dora",
       quantize=quantize, block_size=int(_get(peft_cfg, "block_size", 64)),
-      double_quant=bool(_get(peft_cfg, "double_quant", False)))
+      double_quant=bool(_get(peft_cfg, "double_quant", False)), modules_to_save=save)

@@ -4,6 +4,8 @@ Params are nested dicts of raw arrays (unboxed). A Linear's dict holds 'kernel' 
 leaves), optional 'bias', and when adapted 'lora_A', 'lora_B' (+ 'lora_magnitude' for DoRA).
 The embedding's dict ('embed_tokens') holds 'embedding' [V, D] and the same adapter leaves; with
 tied embeddings an adapted LM head's dict ('lm_head') holds the adapter leaves only.
+A reward model's head ('score', [hidden, 1]) is never adapted; like any module listed in
+config.peft.modules_to_save it trains in full (`saved_modules`, `trainable_mask`).
 """
 
 from __future__ import annotations
@@ -15,18 +17,19 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.peft import nf4
-from ftjax.peft.spec import (ADAPTER_LEAVES, EMBED, HEAD, AdapterSpec, hf_name, method_of,
-                             resolve, scaling, spec_from_config)
+from ftjax.peft.spec import (ADAPTER_LEAVES, EMBED, HEAD, SCORE, AdapterSpec, hf_name,
+                             method_of, name_hit, resolve, scaling, spec_from_config)
 
 NF4_LEAVES = ("kernel_nf4", "kernel_absmax", "kernel_absmax_q", "kernel_absmax_scale",
               "kernel_absmax_offset")
 
 
 def linear_dicts(params, path=()) -> Iterator[Tuple[Tuple[str, ...], Dict[str, Any]]]:
-  """(path, dict) for every Linear-like dict (one holding a kernel) except the LM head."""
+  """(path, dict) for every Linear-like dict (one holding a kernel) except the output layer (LM
+  head or reward score)."""
   if not isinstance(params, dict):
     return
-  if ("kernel" in params or "kernel_nf4" in params) and path != ("lm_head",):
+  if ("kernel" in params or "kernel_nf4" in params) and path not in (HEAD, SCORE):
     yield path, params
     return
   for k, v in params.items():
@@ -41,13 +44,67 @@ def module_dicts(params) -> Iterator[Tuple[Tuple[str, ...], Dict[str, Any]]]:
       yield path, params[path[0]]
 
 
-def _base_modules(model_cfg) -> list:
-  """(path, (in, out)) of every adaptable module of the un-adapted model (shapes only): the
-  Linears, then the embedding [V, D] and the LM head [D, V] (also when tied)."""
+def weight_dicts(params, path=()):
+  """(path, dict) for every module holding a weight: Linears, LM head, score, embeddings."""
+  if not isinstance(params, dict):
+    return
+  if any(k in params for k in ("kernel", "kernel_nf4", "embedding")) or path == HEAD:
+    yield path, params
+    return
+  for k, v in params.items():
+    yield from weight_dicts(v, path + (k,))
+
+
+def save_names(spec, params) -> Tuple[str, ...]:
+  """config.peft.modules_to_save, plus a reward model's `score` head (PEFT's SEQ_CLS default)."""
+  names = tuple(spec.modules_to_save) if spec is not None else ()
+  if "score" in params and "score" not in names:
+    names += ("score",)
+  return names
+
+
+def saved_modules(params, names) -> list:
+  """(path, dict) of the modules named by `names` (trained in full), checked: each name selects
+  something, the same modules in every stacked layer, none adapted or NF4-quantised."""
+  out, used, available = [], set(), []
+  for path, d in weight_dicts(params):
+    leaf = next(iter(jax.tree_util.tree_leaves(d)), None)
+    layers = range(leaf.shape[0]) if "layers" in path and leaf is not None else [None]
+    hits = {i: [t for t in names if name_hit((t,), hf_name(path, i))] for i in layers}
+    available.append(hf_name(path, 0 if "layers" in path else None))
+    if not any(hits.values()):
+      continue
+    where = f"config.peft.modules_to_save: {hf_name(path, None)}"
+    if not all(hits.values()):
+      raise ValueError(f"{where} is selected in some layers only; layers are stacked (nn.scan), "
+                       "so select by module name, not layer index")
+    if "lora_A" in d:
+      raise ValueError(f"{where} is also a LoRA target (target_modules); pick one")
+    if "kernel_nf4" in d:
+      raise ValueError(f"{where} is NF4-quantised (QLoRA) and cannot train in full")
+    if path == HEAD and "kernel" not in d:
+      raise ValueError(f"{where} is tied to the embedding (tie_embeddings); training it in full "
+                       "is not supported, adapt it with LoRA instead")
+    used.update(t for ts in hits.values() for t in ts)
+    out.append((path, d))
+  missing = [t for t in names if t not in used]
+  if missing:
+    raise ValueError(f"config.peft.modules_to_save={list(names)}: {missing} match no module; "
+                     f"available (layer 0 shown): {available}")
+  return out
+
+
+def _base_shapes(model_cfg):
   from ftjax.models import Decoder  # pylint: disable=g-import-not-at-top
   base_cfg = model_cfg.replace(peft=None)
-  shapes = jax.eval_shape(lambda: nn.unbox(Decoder(base_cfg).init(
+  return jax.eval_shape(lambda: nn.unbox(Decoder(base_cfg).init(
       jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]))
+
+
+def _base_modules(model_cfg, shapes=None) -> list:
+  """(path, (in, out)) of every adaptable module of the un-adapted model (shapes only): the
+  Linears, then the embedding [V, D] and the LM head [D, V] (also when tied)."""
+  shapes = _base_shapes(model_cfg) if shapes is None else shapes
   out = [(p, d["kernel"].shape[-2:]) for p, d in linear_dicts(shapes)]
   vocab, dim = shapes["embed_tokens"]["embedding"].shape
   out.append((EMBED, (vocab, dim)))
@@ -64,7 +121,8 @@ def available_modules(model_cfg) -> list:
 def check_targets(model_cfg) -> None:
   """Errors early when target_modules selects no module (listing the available names)."""
   spec: AdapterSpec = model_cfg.peft
-  modules = _base_modules(model_cfg)
+  shapes = _base_shapes(model_cfg)
+  modules = _base_modules(model_cfg, shapes)
   hits = 0
   for path, (n_in, n_out) in modules:
     if spec.quantize == "nf4" and path not in (EMBED, HEAD):
@@ -80,6 +138,18 @@ def check_targets(model_cfg) -> None:
     names = [hf_name(p, 0 if "layers" in p else None) for p, _ in modules]
     raise ValueError(f"config.peft.target_modules={spec.target_modules!r} matches no module; "
                      f"available (layer 0 shown): {names}")
+  saved = [p for p, _ in saved_modules(shapes, save_names(spec, shapes))]
+  for path in saved:
+    if path in (EMBED, HEAD) and model_cfg.tie_embeddings:
+      raise ValueError(f"config.peft.modules_to_save: {hf_name(path, None)} is tied to the "
+                       "embedding (tie_embeddings); training it in full is not supported, adapt "
+                       "it with LoRA instead")
+    if path in dict(modules) and resolve(spec, path, model_cfg.num_layers) is not None:
+      raise ValueError(f"config.peft.modules_to_save: {hf_name(path, None)} is also a LoRA "
+                       "target (target_modules); pick one")
+    if spec.quantize == "nf4" and path not in (EMBED, HEAD, SCORE):
+      raise ValueError(f"config.peft.modules_to_save: {hf_name(path, None)} is NF4-quantised "
+                       "(QLoRA) and cannot train in full")
 
 
 def apply_peft(model_cfg, peft_cfg):
@@ -155,13 +225,18 @@ def _fill(fresh, base, spec, path):
 
 
 def trainable_mask(params, peft_cfg):
-  """Pytree of bools: adapter leaves True for LoRA/DoRA/QLoRA; all True for none/hft."""
+  """Pytree of bools: for LoRA/DoRA/QLoRA the adapter leaves and the modules_to_save (a reward
+  model's score head included) are True; all True for none/hft."""
   method = peft_cfg if isinstance(peft_cfg, str) else (
       "lora" if isinstance(peft_cfg, AdapterSpec) else method_of(peft_cfg))
   if method in ("none", "hft"):
     return jax.tree_util.tree_map(lambda _: True, params)
+  spec = (peft_cfg if isinstance(peft_cfg, AdapterSpec)
+          else None if isinstance(peft_cfg, str) else spec_from_config(peft_cfg))
+  saved = {p for p, _ in saved_modules(params, save_names(spec, params))}
+  keys = lambda p: tuple(str(getattr(k, "key", k)) for k in p)
   return jax.tree_util.tree_map_with_path(
-      lambda p, _: str(getattr(p[-1], "key", p[-1])) in ADAPTER_LEAVES, params)
+      lambda p, _: keys(p)[-1] in ADAPTER_LEAVES or keys(p)[:-1] in saved, params)
 
 
 def split_trainable(params, mask):
