@@ -75,7 +75,8 @@ def run_ftjax(steps: int, lora: bool):
   b = BENCH
   cfg = ModelConfig(vocab_size=b["vocab_size"], hidden_size=b["hidden_size"],
                     intermediate_size=b["intermediate_size"], num_layers=b["num_layers"],
-                    num_heads=b["num_heads"], num_kv_heads=b["num_kv_heads"], norm_eps=1e-6)
+                    num_heads=b["num_heads"], num_kv_heads=b["num_kv_heads"], norm_eps=1e-6,
+                    scan_unroll=b["num_layers"])  # unrolled layer scan, as bench_sft
   params = jax.jit(lambda r: nn.unbox(Decoder(cfg).init(r, jnp.zeros((1, 8), jnp.int32))))(
       jax.random.key(0))["params"]
   ref, reference = params, "copy"

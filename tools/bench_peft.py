@@ -1,6 +1,8 @@
 """PEFT train-step throughput and memory: ftjax full FT / LoRA / DoRA / QLoRA vs HF PEFT LoRA.
 
   python tools/bench_peft.py [--rounds 3] [--steps 2] [--out bench_out/peft.json]
+  python tools/bench_peft.py --preset weights --impls full,lora,qlora --memory-only \
+      --out bench_out/peft_mem.json      # peak memory where weights dominate
 
 Bench model (tools/bench_sft.py's): Llama, hidden 512, 8 layers, 8/4 heads, MLP 1408, vocab 8192,
 seq 512, batch 4, float32, AdamW; LoRA r 16 / alpha 32 on every linear layer. Peak RSS comes
@@ -32,11 +34,42 @@ IMPLS = ("full", "lora", "dora", "qlora", "hf_peft_lora")
 RANK = 16
 if os.environ.get("BENCH_PEFT_SMOKE"):  # a seconds-long run of every code path
   BENCH.update(num_layers=2, seq_len=64, batch_size=2, vocab_size=512)
+# --preset weights: a model whose weights dominate memory (1B-class widths, few layers, short
+# rows), for issue #4's "LoRA peak memory <= 40% of full FT": 319M params, 1.2 GiB in float32.
+PRESETS = {"weights": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                           num_layers=4, num_heads=16, num_kv_heads=8, seq_len=128,
+                           batch_size=1)}
+if os.environ.get("BENCH_PEFT_PRESET"):
+  BENCH.update(PRESETS[os.environ["BENCH_PEFT_PRESET"]])
 
 
 def _nbytes(tree):
   import jax  # pylint: disable=g-import-not-at-top
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _leafwise_init(model):
+  """Random base weights created one leaf at a time, like a checkpoint streamed in leaf by leaf.
+
+  Why: one jitted `model.init` holds XLA temporaries (RNG bits) for all leaves at once, ~2.4x the
+  weights at its peak on the memory preset; a fine-tuning run loads its base from a checkpoint
+  instead, so that transient would measure the benchmark's init, not training. Norm scales are
+  ones, every other leaf N(0, 0.02) (the loss value is irrelevant here).
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  abstract = jax.eval_shape(
+      lambda r: nn.unbox(model.init(r, jnp.zeros((1, 8), jnp.int32)))["params"], jax.random.key(0))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  out = []
+  for i, (path, sd) in enumerate(leaves):
+    if "scale" in str(path[-1]):
+      out.append(jnp.ones(sd.shape, sd.dtype))
+    else:
+      normal = jax.jit(lambda k, sd=sd: 0.02 * jax.random.normal(k, sd.shape, sd.dtype))
+      out.append(normal(jax.random.key(i)))
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def build_ftjax(method: str):
@@ -51,15 +84,19 @@ def build_ftjax(method: str):
   from ftjax.train.optim import make_optimizer  # pylint: disable=g-import-not-at-top
   from ftjax.train.step import make_train_step  # pylint: disable=g-import-not-at-top
   b = BENCH
+  # Unrolled layer scan for speed (as bench_sft); the memory preset keeps the default rolled scan,
+  # which slices one layer's weights at a time instead of all of them.
+  unroll = 1 if os.environ.get("BENCH_PEFT_PRESET") else b["num_layers"]
   cfg = ModelConfig(**{k: v for k, v in b.items() if k not in ("seq_len", "batch_size")},
-                    norm_eps=1e-6)
-  params = nn.unbox(Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+                    norm_eps=1e-6, scan_unroll=unroll)
+  params = _leafwise_init(Decoder(cfg))
   linear_fp32 = sum(_nbytes(d["kernel"]) for _, d in peft.tree.linear_dicts(params))
   pc = ml_collections.ConfigDict(dict(method="none" if method == "full" else method, r=RANK,
                                       alpha=2.0 * RANK))
   cfg = peft.apply_peft(cfg, pc)
   model = Decoder(cfg)
-  params = peft.init_adapters(params, model, jax.random.key(1), jnp.zeros((1, 8), jnp.int32))
+  params = peft.init_adapters(params, model, jax.random.key(1), jnp.zeros((1, 8), jnp.int32),
+                              donate=True)
   linear_bytes = sum(_nbytes({k: v for k, v in d.items() if k.startswith("kernel")})
                      for _, d in peft.tree.linear_dicts(params))
   weights = _nbytes(params)
@@ -159,7 +196,14 @@ def main():
   ap.add_argument("--impls", default=",".join(IMPLS))
   ap.add_argument("--out", default="bench_out/peft.json")
   ap.add_argument("--child", default=None)
+  ap.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                  help="another model shape (children inherit it through the environment)")
+  ap.add_argument("--memory-only", action="store_true",
+                  help="only the isolated per-impl runs (peak RSS), no alternating timing")
   args = ap.parse_args()
+  if args.preset and not args.child:
+    os.environ["BENCH_PEFT_PRESET"] = args.preset
+    BENCH.update(PRESETS[args.preset])
   impls = [i for i in args.impls.split(",") if i]
   if args.child == "alternate":
     print("RESULT " + json.dumps(alternate(impls, args.rounds, args.steps)), flush=True)
@@ -171,10 +215,13 @@ def main():
     mem[impl] = _spawn([impl], "--steps", "1")
     print(f"isolated {impl}: peak {mem[impl]['peak_rss_mb']:.0f} MB, "
           f"{mem[impl]['step_s']:.2f} s/step", flush=True)
-  speed = _spawn(["alternate"], "--impls", ",".join(impls), "--rounds", str(args.rounds),
-                 "--steps", str(args.steps))
+  if args.memory_only:  # throughput from the isolated runs (one step each)
+    speed = {i: dict(step_s=m["step_s"], times=[m["step_s"]]) for i, m in mem.items()}
+  else:
+    speed = _spawn(["alternate"], "--impls", ",".join(impls), "--rounds", str(args.rounds),
+                   "--steps", str(args.steps))
   tokens = BENCH["batch_size"] * BENCH["seq_len"]
-  result = {"bench": BENCH, "rank": RANK, "rounds": args.rounds, "steps": args.steps,
+  result = {"bench": BENCH, "preset": args.preset, "rank": RANK, "rounds": args.rounds, "steps": args.steps,
             "load_avg": os.getloadavg(), "impls": {}}
   print(f"{'impl':<14}{'tokens/s':>10}{'step s':>9}{'compile s':>11}{'peak MB':>9}"
         f"{'weights MB':>12}{'trainable':>12}{'linear base %':>15}")

@@ -162,12 +162,14 @@ def apply_peft(model_cfg, peft_cfg):
   return out
 
 
-def init_adapters(base_params, model, rng, sample_tokens):
+def init_adapters(base_params, model, rng, sample_tokens, donate: bool = False):
   """Params of the adapted `model`: base weights copied in (quantised to NF4 when asked), LoRA A
   kaiming-uniform, B zero, DoRA magnitude = ||W||_in. Step 0 therefore equals the base model.
 
   Runs as one jit; the adapted model's random base init is dead code and is compiled away. New
   leaves get the logical sharding constraints of their declaration (current mesh/rules context).
+  donate=True hands `base_params`' buffers to the result (unusable afterwards): the base weights
+  are then never held twice, which on a weight-dominated model is the whole init peak.
   """
   spec: AdapterSpec = model.cfg.peft
   if spec is None:
@@ -186,7 +188,7 @@ def init_adapters(base_params, model, rng, sample_tokens):
         lambda x, b: nn.with_logical_constraint(x, b.names)
         if isinstance(b, nn.LogicallyPartitioned) else x,
         out, boxed, is_leaf=lambda b: isinstance(b, nn.LogicallyPartitioned))
-  return jax.jit(init)(base_params, rng)
+  return jax.jit(init, donate_argnums=(0,) if donate else ())(base_params, rng)
 
 
 def _fill(fresh, base, spec, path):

@@ -53,7 +53,7 @@ def init_params(config, model_cfg: ModelConfig, mesh, rules, rng) -> Tuple[Any, 
   model = Decoder(full_cfg)
   with mesh, nn.logical_axis_rules(rules):
     params = peft.init_adapters(base, model, jax.random.fold_in(rng, 1),
-                                jnp.zeros((1, 8), jnp.int32))
+                                jnp.zeros((1, 8), jnp.int32), donate=True)
   return full_cfg, params
 
 
