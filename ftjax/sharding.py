@@ -6,6 +6,7 @@ Sharding is data, not code: layers name their axes ('embed', 'mlp', 'heads', ...
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -66,6 +67,17 @@ def make_mesh(mesh_cfg: Sequence[Any], devices=None) -> Mesh:
   except Exception:  # pylint: disable=broad-except  # CPU / odd topologies
     dev = devices.reshape(shape)
   return Mesh(dev, MESH_AXES)
+
+
+@contextlib.contextmanager
+def mesh_rules(mesh: Mesh, rules):
+  """The mesh (for bare PartitionSpec constraints) and the logical axis rules, as one context.
+
+  `jax.set_mesh` where it exists: `with mesh:` is deprecated since JAX 0.10.
+  """
+  use_mesh = getattr(jax, "set_mesh", None)
+  with (use_mesh(mesh) if use_mesh is not None else mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def rules_from_config(rules) -> tuple:

@@ -190,7 +190,7 @@ for dispatch in ("dropless", "capacity"):
   ref_params = jax.jit(lambda r: nn.unbox(init(r)))(jax.random.key(1))  # one device
   ref = jax.jit(fwd)(ref_params, x)
   shardings = shd.logical_shardings(jax.eval_shape(init, jax.random.key(1)), mesh, rules)
-  with mesh, nn.logical_axis_rules(rules):
+  with shd.mesh_rules(mesh, rules):
     params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(jax.random.key(1))
     kernel = params["experts"]["gate_proj"]["kernel"]
     xs = jax.device_put(x, shd.data_sharding(mesh, rules).update(
@@ -199,7 +199,7 @@ for dispatch in ("dropless", "capacity"):
   out[dispatch] = dict(diff=float(np.abs(np.asarray(y) - np.asarray(ref)).max()),
                        spec=str(kernel.sharding.spec), devices=len(kernel.sharding.device_set))
 try:  # 6 experts over an expert axis of 4: one clear error at trace time
-  with mesh, nn.logical_axis_rules(rules):
+  with shd.mesh_rules(mesh, rules):
     jax.eval_shape(lambda r: MoEBlock(cfg.replace(num_experts=6)).init(r, x, seg),
                    jax.random.key(0))
   out["bad"] = "no error"

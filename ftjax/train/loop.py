@@ -174,7 +174,7 @@ def run(config, workdir: str) -> Dict[str, Any]:
                             update_scale_fn=update_scale_fn)
   eval_fn = make_eval_step(model, obj_fn, config.objective)
 
-  with mesh, nn.logical_axis_rules(rules):
+  with shd.mesh_rules(mesh, rules):
     opt_state = jax.jit(tx.init)(trainable)
     # jit with out_shardings (not device_put) so this also works when devices span processes.
     step0, rng0 = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 7)),

@@ -51,7 +51,7 @@ def init_params(config, model_cfg: ModelConfig, mesh, rules, rng) -> Tuple[Any, 
     return full_cfg, base
   from ftjax import peft  # pylint: disable=g-import-not-at-top
   model = Decoder(full_cfg)
-  with mesh, nn.logical_axis_rules(rules):
+  with shd.mesh_rules(mesh, rules):
     params = peft.init_adapters(base, model, jax.random.fold_in(rng, 1),
                                 jnp.zeros((1, 8), jnp.int32), donate=True)
   return full_cfg, params
@@ -74,7 +74,7 @@ def _base_params(config, model_cfg, mesh, rules, rng):
   init, shardings = param_shardings(model_cfg, mesh, rules)
   if config.get("init_from"):
     return load_init_from(config.init_from, shardings)
-  with mesh, nn.logical_axis_rules(rules):
+  with shd.mesh_rules(mesh, rules):
     return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
 
 
