@@ -48,8 +48,9 @@ def _nbytes(tree):
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
-def _leafwise_init(model):
-  """Random base weights created one leaf at a time, like a checkpoint streamed in leaf by leaf.
+def _leafwise_init(model, leaf_fn=None):
+  """Random base weights created one leaf at a time, like a checkpoint streamed in leaf by leaf
+  (`leaf_fn` as in `ftjax.models.hf.load_hf`: QLoRA quantises each kernel as it arrives).
 
   Why: one jitted `model.init` holds XLA temporaries (RNG bits) for all leaves at once, ~2.4x the
   weights at its peak on the memory preset; a fine-tuning run loads its base from a checkpoint
@@ -59,17 +60,23 @@ def _leafwise_init(model):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   abstract = jax.eval_shape(
       lambda r: nn.unbox(model.init(r, jnp.zeros((1, 8), jnp.int32)))["params"], jax.random.key(0))
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-  out = []
-  for i, (path, sd) in enumerate(leaves):
-    if "scale" in str(path[-1]):
-      out.append(jnp.ones(sd.shape, sd.dtype))
+  out = {}
+  for i, (path, sd) in enumerate(traverse_util.flatten_dict(abstract).items()):
+    if path[-1] == "scale":
+      arr = jnp.ones(sd.shape, sd.dtype)
     else:
-      normal = jax.jit(lambda k, sd=sd: 0.02 * jax.random.normal(k, sd.shape, sd.dtype))
-      out.append(normal(jax.random.key(i)))
-  return jax.tree_util.tree_unflatten(treedef, out)
+      arr = jax.jit(lambda k, sd=sd: 0.02 * jax.random.normal(k, sd.shape, sd.dtype))(
+          jax.random.key(i))
+    res = arr if leaf_fn is None else leaf_fn(path, arr)
+    del arr
+    if isinstance(res, dict):
+      out.update({path[:-1] + (k,): v for k, v in res.items()})
+    else:
+      out[path] = res
+  return traverse_util.unflatten_dict(out), abstract
 
 
 def build_ftjax(method: str):
@@ -89,11 +96,12 @@ def build_ftjax(method: str):
   unroll = 1 if os.environ.get("BENCH_PEFT_PRESET") else b["num_layers"]
   cfg = ModelConfig(**{k: v for k, v in b.items() if k not in ("seq_len", "batch_size")},
                     norm_eps=1e-6, scan_unroll=unroll)
-  params = _leafwise_init(Decoder(cfg))
-  linear_fp32 = sum(_nbytes(d["kernel"]) for _, d in peft.tree.linear_dicts(params))
   pc = ml_collections.ConfigDict(dict(method="none" if method == "full" else method, r=RANK,
                                       alpha=2.0 * RANK))
-  cfg = peft.apply_peft(cfg, pc)
+  base_cfg, cfg = cfg, peft.apply_peft(cfg, pc)
+  leaf_fn = peft.tree.nf4_leaf_fn(cfg) if cfg is not base_cfg else None
+  params, abstract = _leafwise_init(Decoder(base_cfg), leaf_fn)
+  linear_fp32 = sum(_nbytes(d["kernel"]) for _, d in peft.tree.linear_dicts(abstract))
   model = Decoder(cfg)
   params = peft.init_adapters(params, model, jax.random.key(1), jnp.zeros((1, 8), jnp.int32),
                               donate=True)

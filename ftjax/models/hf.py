@@ -177,11 +177,14 @@ def _load_rule(rule, flat, shard_flat, reader, names, where):
 
 
 def load_hf(path: str, *, mesh=None, rules=None, dtype=None,
-            param_dtype=None) -> Tuple[ModelConfig, Dict[str, Any]]:
+            param_dtype=None, leaf_fn=None) -> Tuple[ModelConfig, Dict[str, Any]]:
   """(ModelConfig, params) from a local HF dir; params are raw arrays (placed if `mesh`).
 
   dtype / param_dtype override the compute / storage dtypes (default float32 / float32;
   param_dtype="bfloat16" keeps a bf16 checkpoint at its size).
+  leaf_fn(path, array) -> array | {leaf name: array} transforms each param as soon as it is
+  loaded (a dict replaces the leaf by its entries in the same module), e.g. QLoRA's NF4
+  quantisation: the full-precision model is then never in memory, only one stacked leaf of it.
   Raises ValueError naming the tensor for a missing, unexpected or mis-shaped tensor.
   """
   path = os.fspath(path)
@@ -225,7 +228,15 @@ def load_hf(path: str, *, mesh=None, rules=None, dtype=None,
   out = {}
   with hf_io.Reader(tensors) as reader:
     for rule, names in jobs:
-      out.update(_load_rule(rule, flat, shard_flat, reader, names, path))
+      loaded = _load_rule(rule, flat, shard_flat, reader, names, path)
+      for p in list(loaded):
+        arr = loaded.pop(p)
+        res = arr if leaf_fn is None else leaf_fn(p, arr)
+        del arr  # the full-precision leaf goes as soon as it is transformed
+        if isinstance(res, dict):
+          out.update({p[:-1] + (k,): v for k, v in res.items()})
+        else:
+          out[p] = res
   return cfg, traverse_util.unflatten_dict(out)
 
 

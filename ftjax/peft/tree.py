@@ -174,8 +174,8 @@ def init_adapters(base_params, model, rng, sample_tokens, donate: bool = False):
   spec: AdapterSpec = model.cfg.peft
   if spec is None:
     return base_params
-  if any(k in d for _, d in module_dicts(base_params) for k in ADAPTER_LEAVES + NF4_LEAVES):
-    raise ValueError("init_adapters: base params already hold adapters or NF4 weights; "
+  if any(k in d for _, d in module_dicts(base_params) for k in ADAPTER_LEAVES):
+    raise ValueError("init_adapters: base params already hold adapters; "
                      "merge them first (ftjax.peft.merge)")
 
   def init(base, key):
@@ -191,6 +191,26 @@ def init_adapters(base_params, model, rng, sample_tokens, donate: bool = False):
   return jax.jit(init, donate_argnums=(0,) if donate else ())(base_params, rng)
 
 
+def nf4_leaf_fn(model_cfg):
+  """leaf_fn for `ftjax.models.hf.load_hf`: quantises each kernel the adapted model keeps as NF4
+  as soon as it is loaded (None when nothing is quantised). Same codes as `init_adapters`."""
+  spec: AdapterSpec = model_cfg.peft
+  if spec is None or not spec.quantize:
+    return None
+  from ftjax.models import Decoder  # pylint: disable=g-import-not-at-top
+  abstract = jax.eval_shape(
+      lambda r: nn.unbox(Decoder(model_cfg).init(r, jnp.zeros((1, 8), jnp.int32)))["params"],
+      jax.random.key(0))
+  nf4_modules = {p for p, d in module_dicts(abstract) if "kernel_nf4" in d}
+  quantize = jax.jit(nf4.quantize, static_argnums=(1, 2))
+
+  def fn(path, arr):
+    if path[-1] != "kernel" or tuple(path[:-1]) not in nf4_modules:
+      return arr
+    return quantize(arr, spec.block_size, spec.double_quant)
+  return fn
+
+
 def _fill(fresh, base, spec, path):
   if not isinstance(fresh, dict):
     return base
@@ -198,6 +218,9 @@ def _fill(fresh, base, spec, path):
     raise ValueError(f"init_adapters: base params at {'/'.join(path)} are not a dict")
   out = {}
   quantised = "kernel_nf4" in fresh
+  if not quantised and any(k in base for k in NF4_LEAVES):
+    raise ValueError(f"init_adapters: base params at {'/'.join(path)} are NF4 but this model "
+                     "does not quantise them (config.peft.method / target_modules)")
   for k, v in fresh.items():
     where = "/".join(path + (k,))
     if k in ADAPTER_LEAVES or k in NF4_LEAVES:
@@ -211,7 +234,9 @@ def _fill(fresh, base, spec, path):
       raise ValueError(f"init_adapters: base param {where} has shape {base[k].shape}, "
                        f"the model expects {v.shape}")
     out[k] = base[k].astype(v.dtype)
-  if quantised:
+  if quantised and "kernel_nf4" in base:  # quantised while loading (nf4_leaf_fn)
+    out.update({k: base[k] for k in fresh if k in NF4_LEAVES})
+  elif quantised:
     if "kernel" not in base:
       raise ValueError(f"init_adapters: base params lack {'/'.join(path + ('kernel',))}")
     out.update(nf4.quantize(base["kernel"], spec.block_size, spec.double_quant))

@@ -46,7 +46,7 @@ def init_params(config, model_cfg: ModelConfig, mesh, rules, rng) -> Tuple[Any, 
     full_cfg = peft.apply_peft(model_cfg, config.peft)
   else:
     full_cfg = model_cfg
-  base = _base_params(config, model_cfg, mesh, rules, rng)
+  base = _base_params(config, model_cfg, mesh, rules, rng, full_cfg)
   if full_cfg is model_cfg:
     return full_cfg, base
   from ftjax import peft  # pylint: disable=g-import-not-at-top
@@ -64,12 +64,16 @@ def param_shardings(model_cfg: ModelConfig, mesh, rules):
   return init, shd.logical_shardings(abstract, mesh, rules)
 
 
-def _base_params(config, model_cfg, mesh, rules, rng):
+def _base_params(config, model_cfg, mesh, rules, rng, full_cfg=None):
   mc = config.model
   if mc.get("hf_path"):
     from ftjax.models import hf  # pylint: disable=g-import-not-at-top
+    leaf_fn = None
+    if full_cfg is not None and full_cfg is not model_cfg:  # QLoRA: NF4 as each leaf loads
+      from ftjax import peft  # pylint: disable=g-import-not-at-top
+      leaf_fn = peft.tree.nf4_leaf_fn(full_cfg)
     _, params = hf.load_hf(mc.hf_path, mesh=mesh, rules=rules, dtype=model_cfg.dtype,
-                           param_dtype=model_cfg.param_dtype)
+                           param_dtype=model_cfg.param_dtype, leaf_fn=leaf_fn)
     return params
   init, shardings = param_shardings(model_cfg, mesh, rules)
   if config.get("init_from"):
