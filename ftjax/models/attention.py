@@ -60,13 +60,14 @@ def attend(q, k, v, segment_ids, scale: float, softcap: Optional[float], impl: O
            window: Optional[int] = None, use_window=None):
   """Causal self-attention over packed segments; q [B,T,N,H], k/v [B,T,K,H] -> [B,T,N,H].
 
-  impl: None = auto (jax.nn.dot_product_attention on GPU, which picks cuDNN when it can;
-  the blockwise `flash` path elsewhere), 'flash' = ftjax.models.flash (causal blocks, hand-written
-  backward; the fastest on CPU), 'xla' = one explicit masked softmax, 'cudnn' / 'jax' = jax.nn's
-  kernels. Logit soft-capping (Gemma 2) always takes the explicit path.
+  impl: None = auto (jax.nn.dot_product_attention on GPU, which picks cuDNN when it can; the
+  blockwise `flash` path on CPU, where it was measured fastest; the explicit path on TPU, where
+  it has not been measured yet), 'flash' = ftjax.models.flash (causal blocks, hand-written
+  backward), 'xla' = one explicit masked softmax, 'cudnn' / 'jax' = jax.nn's kernels. Logit
+  soft-capping (Gemma 2) always takes the explicit path.
   """
   if impl is None:
-    impl = "jax" if jax.default_backend() == "gpu" else "flash"
+    impl = {"gpu": "jax", "cpu": "flash"}.get(jax.default_backend(), "xla")
   if impl not in ("flash", "xla", "cudnn", "jax"):
     raise ValueError(f"model.attention_impl: unknown {impl!r} (None | flash | xla | cudnn | jax)")
   if impl == "flash" and softcap is None:

@@ -65,7 +65,7 @@ class ModelConfig:
   # Numerics and compilation.
   dtype: str = "float32"  # activation/compute dtype
   param_dtype: str = "float32"
-  # None (auto: jax on GPU, flash elsewhere) | flash | xla | cudnn | jax
+  # None (auto: jax on GPU, flash on CPU, xla on TPU) | flash | xla | cudnn | jax
   attention_impl: Optional[str] = None
   remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims
   scan_unroll: int = 1  # layers are always scanned; unroll>1 trades compile time for speed
