@@ -2,7 +2,8 @@
 
 "37+58=" -> "95". Small enough that a ~1M-parameter decoder learns it on 2 CPU cores in minutes,
 exactly verifiable (exact match now, a programmatic reward for RL later), and it yields
-preference pairs for free (the correct sum vs a plausible wrong one).
+preference pairs for free: the correct sum vs a plausible wrong one (generate_preferences), or
+vs the model's own wrong greedy answer (self_play_preferences, SPIN-like on-policy negatives).
 """
 
 from __future__ import annotations
@@ -85,6 +86,23 @@ def generate_preferences(n: int, seed: int = 0, digits: int = 2,
   pairs = pairs if pairs is not None else _pairs(n, rng, digits, set(exclude))
   return [{"prompt": prompt_of(a, b), "chosen": str(a + b), "rejected": wrong_answer(a, b, rng)}
           for a, b in pairs]
+
+
+def self_play_preferences(rows: Iterable[Dict[str, str]],
+                          completions: Iterable[str]) -> List[Dict[str, str]]:
+  """On-policy pairs: the true sum chosen, the model's own wrong answer rejected.
+
+  rows: {"prompt", ...} examples; completions: the model's (greedy) answer to each, in order.
+  Only prompts the model gets wrong give a pair, so every rejected answer is a mistake the model
+  actually makes (mostly off-by-one sums, see tools/make_self_play_data.py), not a random one.
+  """
+  out = []
+  for row, text in zip(rows, completions, strict=True):
+    a, b = parse_prompt(row["prompt"])
+    text = text.strip()
+    if text and not verify(row["prompt"], text):
+      out.append({"prompt": row["prompt"], "chosen": str(a + b), "rejected": text})
+  return out
 
 
 def generate_unpaired(n: int, seed: int = 0, digits: int = 2,

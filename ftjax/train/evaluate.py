@@ -26,21 +26,27 @@ def eval_loss(eval_step, params, frozen, make_iter, put_batch, num_batches: int,
   return {("eval_" + k if not k.startswith("eval_") else k): v for k, v in out.items()}
 
 
+def greedy_completions(model, params, frozen, tokenizer, examples, *, max_new_tokens: int,
+                       batch_size: int = 64):
+  """Decoded greedy completion (special tokens dropped) of each example's prompt, in order."""
+  from ftjax import data  # pylint: disable=g-import-not-at-top
+  from ftjax.generate import greedy_generate  # pylint: disable=g-import-not-at-top
+  prompts = [data.encode_prompt(tokenizer, ex) for ex in examples]
+  gen = greedy_generate(model, merge_params(params, frozen), prompts,
+                        max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
+                        pad_id=tokenizer.pad_token_id or 0, batch_size=batch_size)
+  return [tokenizer.decode(ids, skip_special_tokens=True) for ids in gen]
+
+
 def exact_match(model, params, frozen, tokenizer, examples, *, max_new_tokens: int,
                 batch_size: int = 64, verify=None):
   """Fraction of held-out prompts whose greedy completion equals the reference (or `verify`)."""
-  from ftjax import data  # pylint: disable=g-import-not-at-top
-  from ftjax.generate import greedy_generate  # pylint: disable=g-import-not-at-top
   if not examples:
     return {}
-  prompts = [data.encode_prompt(tokenizer, ex) for ex in examples]
-  full = merge_params(params, frozen)
-  gen = greedy_generate(model, full, prompts, max_new_tokens=max_new_tokens,
-                        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id or 0,
-                        batch_size=batch_size)
+  texts = greedy_completions(model, params, frozen, tokenizer, examples,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size)
   hits = 0
-  for ex, ids in zip(examples, gen):
-    text = tokenizer.decode(ids, skip_special_tokens=True)
+  for ex, text in zip(examples, texts):
     if verify is not None:
       hits += bool(verify(ex["prompt"], text))
     else:
