@@ -107,7 +107,44 @@ class Attention(nn.Module):
     if cfg.sliding_window is not None and cfg.sliding_window_pattern > 1:
       use_window = (layer_idx % cfg.sliding_window_pattern) == 0
     scale = (cfg.query_pre_attn_scalar or h) ** -0.5
-    out = attend(q, k, v, segment_ids, scale, cfg.attn_logit_softcap, cfg.attention_impl,
-                 cfg.sliding_window, use_window)
+    if cfg.decode_cache:
+      out = self._cached(q, k, v, segment_ids, scale, use_window)
+    else:
+      out = attend(q, k, v, segment_ids, scale, cfg.attn_logit_softcap, cfg.attention_impl,
+                   cfg.sliding_window, use_window)
     out = out.reshape(b, t, n * h)
     return Linear(x.shape[-1], ("heads", "embed"), cfg, cfg.o_bias, name="o_proj")(out)
+
+  def _cached(self, q, k, v, segment_ids, scale, use_window):
+    """Incremental decoding: append this call's t keys/values at the cache index, then attend
+    the t queries over every filled slot (causal in slot order, same segment, window).
+
+    The cache ('cache' collection) holds k, v [B, S, K, H], the segment id of each slot (0 =
+    padding or empty) and the next free slot; positions come from the caller (RoPE is applied
+    before caching), so left-padded prompts decode exactly as their full forward does.
+    """
+    cfg = self.cfg
+    b, t, kv, h = k.shape
+    size = cfg.decode_cache
+    ck = self.variable("cache", "k", jnp.zeros, (b, size, kv, h), k.dtype)
+    cv = self.variable("cache", "v", jnp.zeros, (b, size, kv, h), v.dtype)
+    cseg = self.variable("cache", "segment_ids", jnp.zeros, (b, size), jnp.int32)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32)
+    start = index.value
+    ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, start, 0, 0))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, start, 0, 0))
+    cseg.value = jax.lax.dynamic_update_slice(cseg.value, segment_ids.astype(jnp.int32),
+                                              (0, start))
+    index.value = start + t
+    q_slot = start + jnp.arange(t)
+    k_slot = jnp.arange(size)
+    mask = ((k_slot[None, :] <= q_slot[:, None])[None]
+            & (cseg.value[:, None, :] == segment_ids[:, :, None]))
+    if cfg.sliding_window is not None:
+      in_window = (q_slot[:, None] - k_slot[None, :]) < cfg.sliding_window
+      if use_window is not None:
+        in_window = in_window | ~use_window
+      mask = mask & in_window[None]
+    return _attend_explicit(q, ck.value, cv.value, mask[:, None], scale, cfg.attn_logit_softcap)

@@ -69,6 +69,9 @@ class ModelConfig:
   attention_impl: Optional[str] = None
   remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims
   scan_unroll: int = 1  # layers are always scanned; unroll>1 trades compile time for speed
+  # > 0: incremental decoding with a KV cache of this many slots ('cache' collection; see
+  # ftjax/generate.py). Params are the same as without; only generation sets it.
+  decode_cache: int = 0
 
   # Parameter-efficient fine-tuning: a hashable ftjax.peft.AdapterSpec (LoRA/DoRA/NF4) or None.
   # Set by ftjax.peft.apply_peft, read by ftjax.peft.adapt_linear inside every Linear.

@@ -69,7 +69,7 @@ class Decoder(nn.Module):
       block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
     self.layers = nn.scan(
         block,
-        variable_axes={"params": 0, "aux": 0, "intermediates": 0},
+        variable_axes={"params": 0, "aux": 0, "intermediates": 0, "cache": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(0, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
