@@ -19,7 +19,9 @@ def _model(**kw):
   return model, params
 
 
-@pytest.mark.parametrize("kw", [{}, {"sliding_window": 3}, {"qk_norm": True}])
+@pytest.mark.parametrize("kw", [{}, {"sliding_window": 3}, {"qk_norm": True},
+                                {"num_experts": 4, "num_experts_per_tok": 2,
+                                 "moe_intermediate_size": 16, "moe_dispatch": "dropless"}])
 def test_cached_greedy_equals_full_greedy(kw):
   model, params = _model(**kw)
   rng = np.random.default_rng(0)
@@ -53,3 +55,13 @@ def test_decode_steps_match_full_forward_logits():
   got = jnp.concatenate(got, axis=1)
   real = np.asarray(valid)
   np.testing.assert_allclose(np.asarray(got)[real], np.asarray(ref)[real], atol=1e-5, rtol=0)
+
+
+def test_capacity_moe_falls_back_to_full_decoding():
+  model, params = _model(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                         moe_dispatch="capacity")
+  prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
+  full = greedy_generate(model, params, prompts, max_new_tokens=5, eos_id=47, batch_size=4,
+                         use_cache=False)
+  assert greedy_generate(model, params, prompts, max_new_tokens=5, eos_id=47,
+                         batch_size=4) == full

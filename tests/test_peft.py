@@ -256,3 +256,16 @@ def test_train_step_updates_only_adapters_and_hft_groups(base):
       for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         want = np.asarray(mask["layers"]["self_attn"][name]["kernel"]).reshape(-1) > 0
         np.testing.assert_array_equal(moved["layers"]["self_attn"][name]["kernel"], want)
+
+
+def test_fused_lora_matmul_matches_plain_form():
+  from ftjax.peft.lora import lora_matmul  # pylint: disable=g-import-not-at-top
+  r = np.random.default_rng(0)
+  x, w, a, bs, dy = (jnp.asarray(r.standard_normal(s), jnp.float32)
+                     for s in ((2, 5, 8), (8, 6), (8, 3), (3, 6), (2, 5, 6)))
+  plain = lambda x, w, a, bs: x @ w + (x @ a) @ bs
+  y, vjp = jax.vjp(lora_matmul, x, w, a, bs)
+  y_ref, vjp_ref = jax.vjp(plain, x, w, a, bs)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+  for g, g_ref in zip(vjp(dy), vjp_ref(dy)):
+    np.testing.assert_allclose(g, g_ref, atol=1e-4)
