@@ -13,9 +13,9 @@ sequence 512 tokens (256 prompt + 256 completion), chosen and rejected in one fo
           accelerate/dataset setup needs downloads and adds nothing per step), then backward, grad
           clipping and torch AdamW, exactly what Trainer.training_step does on one CPU process.
 Each measurement is a fresh subprocess; implementations alternate round by round; medians.
-Measured (2 CPU cores, quiet machine, 3 rounds x 2 steps, f32 matmul peak 301 GFLOP/s):
-  ftjax full 0.566 pairs/s (MFU 45%) vs TRL 0.783 (62%): 0.72x; LoRA 0.647 (39%) vs 0.840 (50%):
-  0.77x -- behind TRL, the >= 1.2x goal is not met (rounds under load from other jobs swing 2-4x).
+Measured (2 CPU cores, quiet machine, 3 rounds x 2 steps, f32 matmul peak 207 GFLOP/s):
+  ftjax full 0.541 pairs/s (MFU 62%) vs TRL 0.472 (54%): 1.15x; LoRA 0.602 (52%) vs 0.522 (45%):
+  1.15x -- ahead of TRL, short of the >= 1.2x goal (a second run: 1.13x / 1.23x).
 Model FLOPs per step (matmul params N without the input embedding, tokens = 8 x 512):
   full FT  policy fwd+bwd 6N + reference fwd 2N per token;  LoRA  policy fwd + activation-grad
   bwd 4N + reference 2N per token (adapter matmuls ignored); causal attention 8 L T d per token
