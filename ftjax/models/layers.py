@@ -151,17 +151,21 @@ def rope_inv_freq(cfg: ModelConfig, seq_len=None) -> Tuple[jax.Array, float]:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """Rotary embedding, HF 'rotate_half' layout. x: [B, T, N, H]; positions: [B, T] int."""
+  """Rotary embedding, HF 'rotate_half' layout. x: [B, T, N, H]; positions: [B, T] int.
+
+  Written on the halves [..., 2, H/2] with a flip instead of slicing and concatenating: the same
+  products and sums as HF's x * cos + rotate_half(x) * sin (bit for bit), but one fused pass on
+  XLA:CPU instead of a concatenate fusion (~3% of an SFT step on the bench model).
+  """
   seq_len = positions.max() + 1
   inv, attn_factor = rope_inv_freq(cfg, seq_len)
   freqs = positions.astype(jnp.float32)[..., None] * inv  # [B, T, H/2]
-  emb = jnp.concatenate([freqs, freqs], axis=-1)
   # HF computes cos/sin in float32 and casts them to the activation dtype before rotating.
-  cos = (jnp.cos(emb) * attn_factor).astype(x.dtype)[:, :, None, :]
-  sin = (jnp.sin(emb) * attn_factor).astype(x.dtype)[:, :, None, :]
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return x * cos + rotated * sin
+  cos = (jnp.cos(freqs) * attn_factor).astype(x.dtype)[:, :, None, None, :]
+  sin = (jnp.sin(freqs) * attn_factor).astype(x.dtype)[:, :, None, None, :]
+  halves = x.reshape(x.shape[:-1] + (2, x.shape[-1] // 2))  # [..., (x1, x2), H/2]
+  sign = jnp.asarray([-1.0, 1.0], x.dtype)[:, None]  # rotate_half = (-x2, x1)
+  return (halves * cos + jnp.flip(halves, axis=-2) * (sign * sin)).reshape(x.shape)
 
 
 def activation(name: str):
