@@ -12,7 +12,8 @@ import pytest
 
 from ftjax import peft
 from ftjax.models import Decoder, ModelConfig, hf
-from ftjax.models.hf_testing import ftjax_logits, hf_logits, padding_batch, save_tiny
+from ftjax.models.hf_testing import (assert_close_on_real, ftjax_logits, hf_logits,
+                                      padding_batch, save_tiny, torch_causal_lm)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -29,15 +30,6 @@ def models(tmp_path_factory):
                      tie_word_embeddings=tied)
     out[tied] = (path,) + tuple(hf.load_hf(path))
   return out
-
-
-def _torch_model(path):
-  return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-
-
-def _close(a, b, atol=1e-4):
-  _, mask = padding_batch(a.shape[-1])
-  np.testing.assert_allclose(a[mask == 1], b[mask == 1], atol=atol)
 
 
 def _perturb(params):
@@ -65,7 +57,7 @@ def test_export_loads_in_peft_merge_and_reimport(models, tmp_path, tied, kw):
   pcfg, params = _adapted(cfg, base, **kw)
   tokens, mask = padding_batch(cfg.vocab_size)
   base_logits = ftjax_logits(cfg, base, tokens, mask)
-  _close(ftjax_logits(pcfg, params, tokens, mask), base_logits, atol=1e-5)  # step 0 == base
+  assert_close_on_real(ftjax_logits(pcfg, params, tokens, mask), base_logits, atol=1e-5)  # step 0 == base
   emb = params["embed_tokens"]
   assert emb["lora_A"].shape == (cfg.vocab_size, 4) and not np.any(np.asarray(emb["lora_A"]))
   assert abs(float(np.std(emb["lora_B"])) - 1.0) < 0.25  # PEFT: A = 0, B ~ N(0, 1)
@@ -73,12 +65,12 @@ def test_export_loads_in_peft_merge_and_reimport(models, tmp_path, tied, kw):
   assert ("kernel" in params["lm_head"]) != tied  # a tied head owns no kernel
   params = _perturb(params)
   out = peft.export_adapter(params, pcfg, tmp_path / "adapter", base_model_name_or_path=path)
-  model = hf_peft.PeftModel.from_pretrained(_torch_model(path), str(out))
+  model = hf_peft.PeftModel.from_pretrained(torch_causal_lm(path), str(out))
   names = dict(model.named_modules())
   assert isinstance(names["base_model.model.model.embed_tokens"], hf_peft.tuners.lora.Embedding)
   assert isinstance(names["base_model.model.lm_head"], hf_peft.tuners.lora.Linear)
   ours = ftjax_logits(pcfg, params, tokens, mask)
-  _close(ours, hf_logits(path, tokens, mask, model=model))
+  assert_close_on_real(ours, hf_logits(path, tokens, mask, model=model))
   assert np.abs(ours - base_logits).max() > 1e-2
   # Each of the two adapters matters on its own (so neither side can silently drop one).
   for name in ("embed_tokens", "lm_head"):
@@ -94,7 +86,7 @@ def test_export_loads_in_peft_merge_and_reimport(models, tmp_path, tied, kw):
   assert set(merged["embed_tokens"]) == {"embedding"} and set(merged["lm_head"]) == {"kernel"}
   np.testing.assert_allclose(ftjax_logits(mcfg, merged, tokens, mask), ours, atol=1e-5)
   params2, cfg2 = peft.load_adapter(out, base, cfg)
-  _close(ftjax_logits(cfg2, params2, tokens, mask), ours, atol=1e-6)
+  assert_close_on_real(ftjax_logits(cfg2, params2, tokens, mask), ours, atol=1e-6)
 
 
 def test_import_peft_adapter_with_saved_embedding_layers(models, tmp_path):
@@ -105,7 +97,7 @@ def test_import_peft_adapter_with_saved_embedding_layers(models, tmp_path):
   lcfg = hf_peft.LoraConfig(r=4, lora_alpha=16, target_modules=["embed_tokens", "lm_head",
                                                                 "v_proj"],
                             init_lora_weights=False)
-  model = hf_peft.get_peft_model(_torch_model(path), lcfg)
+  model = hf_peft.get_peft_model(torch_causal_lm(path), lcfg)
   with torch.no_grad():
     model.base_model.model.model.embed_tokens.base_layer.weight.add_(0.05)
   model.save_pretrained(str(tmp_path / "theirs"))
@@ -114,7 +106,7 @@ def test_import_peft_adapter_with_saved_embedding_layers(models, tmp_path):
   theirs = hf_logits(path, tokens, mask, model=model)
   params, pcfg = peft.load_adapter(tmp_path / "theirs", base, cfg)
   ours = ftjax_logits(pcfg, params, tokens, mask)
-  _close(ours, theirs)
+  assert_close_on_real(ours, theirs)
   merged, mcfg = peft.merge(params, pcfg)
   np.testing.assert_allclose(ftjax_logits(mcfg, merged, tokens, mask), ours, atol=1e-5)
 

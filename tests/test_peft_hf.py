@@ -7,7 +7,8 @@ import pytest
 
 from ftjax import peft
 from ftjax.models import Decoder, hf
-from ftjax.models.hf_testing import ftjax_logits, hf_logits, padding_batch, save_tiny
+from ftjax.models.hf_testing import (assert_close_on_real, ftjax_logits, hf_logits,
+                                      padding_batch, save_tiny, torch_causal_lm)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -19,16 +20,6 @@ def llama(tmp_path_factory):
   path = save_tiny("llama", tmp_path_factory.mktemp("llama"))
   cfg, params = hf.load_hf(path)
   return path, cfg, params
-
-
-def _torch_model(path):
-  return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-
-
-def _close(a, b, atol=1e-4):
-  """Compares real (mask == 1) positions only: padding rows differ by convention."""
-  _, mask = padding_batch(a.shape[-1])
-  np.testing.assert_allclose(a[mask == 1], b[mask == 1], atol=atol)
 
 
 def _perturb(params):
@@ -55,15 +46,15 @@ def test_export_loads_in_peft_with_same_logits(llama, tmp_path, kw):
       lambda p, x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape)
       if p[-1].key == "kernel" and p[-2].key in saved else x, params)
   out = peft.export_adapter(params, pcfg, tmp_path / "adapter", base_model_name_or_path=path)
-  model = hf_peft.PeftModel.from_pretrained(_torch_model(path), str(out))
+  model = hf_peft.PeftModel.from_pretrained(torch_causal_lm(path), str(out))
   tokens, mask = padding_batch(cfg.vocab_size)
   ours = ftjax_logits(pcfg, params, tokens, mask)
   theirs = hf_logits(path, tokens, mask, model=model)
-  _close(ours, theirs)
+  assert_close_on_real(ours, theirs)
   assert np.abs(ours - ftjax_logits(cfg, base, tokens, mask)).max() > 1e-3  # adapters matter
   # Round trip through our own importer.
   params2, cfg2 = peft.load_adapter(out, base, cfg)
-  _close(ftjax_logits(cfg2, params2, tokens, mask), ours, atol=1e-6)
+  assert_close_on_real(ftjax_logits(cfg2, params2, tokens, mask), ours, atol=1e-6)
 
 
 def test_import_peft_adapter_and_bad_shapes(llama, tmp_path):
@@ -71,15 +62,15 @@ def test_import_peft_adapter_and_bad_shapes(llama, tmp_path):
   torch.manual_seed(0)
   lcfg = hf_peft.LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", use_dora=True,
                             init_lora_weights=False)
-  model = hf_peft.get_peft_model(_torch_model(path), lcfg)
+  model = hf_peft.get_peft_model(torch_causal_lm(path), lcfg)
   model.save_pretrained(str(tmp_path / "theirs"))
   model.eval()
   tokens, mask = padding_batch(cfg.vocab_size)
   theirs = hf_logits(path, tokens, mask, model=model)
   params, pcfg = peft.load_adapter(tmp_path / "theirs", base, cfg)
-  _close(ftjax_logits(pcfg, params, tokens, mask), theirs)
+  assert_close_on_real(ftjax_logits(pcfg, params, tokens, mask), theirs)
   merged, mcfg = peft.merge(params, pcfg)
-  _close(ftjax_logits(mcfg, merged, tokens, mask), theirs)
+  assert_close_on_real(ftjax_logits(mcfg, merged, tokens, mask), theirs)
   # The same adapter on a base with another MLP size: a clear error naming the tensor.
   small = save_tiny("llama", tmp_path / "small", intermediate_size=64)
   scfg, sparams = hf.load_hf(small)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.models.config import ModelConfig
-from ftjax.models.flash import flash_attention
+from ftjax.models.flash import flash_attention, visible
 from ftjax.models.layers import Linear, Norm, apply_rope, constrain
 
 
@@ -22,17 +22,9 @@ def attention_mask(segment_ids: jax.Array, window: Optional[int] = None,
   key j is visible from query i when i - j < window. `use_window` (traced bool) lets scanned
   layers switch the window per layer (Gemma 2 alternates).
   """
-  t = segment_ids.shape[1]
-  idx = jnp.arange(t)
-  causal = idx[:, None] >= idx[None, :]
-  same = segment_ids[:, :, None] == segment_ids[:, None, :]
-  mask = same & causal[None]
-  if window is not None:
-    in_window = (idx[:, None] - idx[None, :]) < window
-    if use_window is not None:
-      in_window = in_window | ~use_window
-    mask = mask & in_window[None]
-  return mask[:, None]
+  idx = jnp.arange(segment_ids.shape[1])
+  return visible(idx[:, None], idx[None, :], segment_ids[:, :, None], segment_ids[:, None, :],
+                 window, use_window)[:, None]
 
 
 def _attend_explicit(q, k, v, mask, scale, softcap):
@@ -75,9 +67,7 @@ def attend(q, k, v, segment_ids, scale: float, softcap: Optional[float], impl: O
   if segment_ids is None:
     segment_ids = jnp.ones(q.shape[:2], jnp.int32)
   mask = attention_mask(segment_ids, window, use_window)
-  if impl in ("xla", "flash"):
-    return _attend_explicit(q, k, v, mask, scale, softcap)
-  if softcap is not None:
+  if impl in ("xla", "flash") or softcap is not None:
     return _attend_explicit(q, k, v, mask, scale, softcap)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                       implementation="cudnn" if impl == "cudnn" else None)
@@ -138,13 +128,6 @@ class Attention(nn.Module):
     cseg.value = jax.lax.dynamic_update_slice(cseg.value, segment_ids.astype(jnp.int32),
                                               (0, start))
     index.value = start + t
-    q_slot = start + jnp.arange(t)
-    k_slot = jnp.arange(size)
-    mask = ((k_slot[None, :] <= q_slot[:, None])[None]
-            & (cseg.value[:, None, :] == segment_ids[:, :, None]))
-    if cfg.sliding_window is not None:
-      in_window = (q_slot[:, None] - k_slot[None, :]) < cfg.sliding_window
-      if use_window is not None:
-        in_window = in_window | ~use_window
-      mask = mask & in_window[None]
+    mask = visible((start + jnp.arange(t))[:, None], jnp.arange(size)[None, :],
+                   segment_ids[:, :, None], cseg.value[:, None, :], cfg.sliding_window, use_window)
     return _attend_explicit(q, ck.value, cv.value, mask[:, None], scale, cfg.attn_logit_softcap)

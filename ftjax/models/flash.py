@@ -39,19 +39,33 @@ def _blocks(t: int, bq: int):
   return [(i, min(i + bq, t)) for i in range(0, t, bq)]
 
 
-def _mask_T(seg, use_window, i0: int, i1: int, window: Optional[int]):
-  """Boolean [B, 1, i1, i1 - i0, 1]: key j (rows) visible from query i (cols), keys [0, i1)."""
-  qi = jnp.arange(i0, i1)
-  kj = jnp.arange(i1)
-  ok = (kj[:, None] <= qi[None, :])[None]
+def visible(q_idx, k_idx, q_seg=None, k_seg=None, window: Optional[int] = None,
+            use_window=None):
+  """Key k visible from query q: causal (k <= q), same segment, and (optionally) q - k < window.
+
+  The one masking rule of every attention path. Arguments are already broadcast against each
+  other, which picks the layout: q_idx [Tq, 1] with k_idx [1, Tk] gives query-major masks, the
+  transposed pair the keys-major blocks here. q_seg / k_seg (same broadcasting plus a leading
+  batch dim) are segment ids: padding is 0 and only meets padding, so no query row is ever empty.
+  `use_window` (traced bool) switches the window per layer (Gemma 2 alternates).
+  """
+  ok = k_idx <= q_idx
   if window is not None:
-    in_window = (qi[None, :] - kj[:, None]) < window
+    in_window = (q_idx - k_idx) < window
     if use_window is not None:
       in_window = in_window | ~use_window
-    ok = ok & in_window[None]
-  if seg is not None:
-    ok = ok & (seg[:, :i1, None] == seg[:, None, i0:i1])
-  return ok[:, None, :, :, None]
+    ok = ok & in_window
+  if q_seg is not None:
+    ok = ok[None] & (q_seg == k_seg)
+  return ok
+
+
+def _mask_T(seg, use_window, i0: int, i1: int, window: Optional[int]):
+  """Boolean [B or 1, 1, i1, i1 - i0, 1]: key j (rows) visible from query i (cols), keys [0, i1)."""
+  seg_pair = (None, None) if seg is None else (seg[:, None, i0:i1], seg[:, :i1, None])
+  ok = visible(jnp.arange(i0, i1)[None, :], jnp.arange(i1)[:, None], *seg_pair, window,
+               use_window)
+  return (ok if seg is not None else ok[None])[:, None, :, :, None]
 
 
 def _forward(qh, kh, vh, seg, use_window, bq, window):

@@ -77,13 +77,26 @@ def positions_from_mask(mask: np.ndarray) -> np.ndarray:
   return np.clip(np.cumsum(mask, axis=-1) - 1, 0, None).astype(np.int32)
 
 
+def torch_causal_lm(path, dtype: str = "float32"):
+  """transformers.AutoModelForCausalLM from a local dir, in `dtype`."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  return transformers.AutoModelForCausalLM.from_pretrained(os.fspath(path),
+                                                           dtype=getattr(torch, dtype))
+
+
+def assert_close_on_real(a, b, atol: float = 1e-4):
+  """Logits of `padding_batch` (default shape) compared at real (mask == 1) positions only:
+  padding rows differ by convention."""
+  _, mask = padding_batch(a.shape[-1])
+  np.testing.assert_allclose(a[mask == 1], b[mask == 1], atol=atol)
+
+
 def hf_logits(path, tokens, mask=None, dtype: str = "float32", model=None) -> np.ndarray:
   """transformers' logits [B, T, V] (float32 numpy) with explicit position ids from the mask."""
   import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
   if model is None:
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.fspath(path), dtype=getattr(torch, dtype))
+    model = torch_causal_lm(path, dtype)
   model.eval()
   mask = np.ones_like(tokens) if mask is None else mask
   with torch.no_grad():

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax.peft.spec import EMBED, HEAD, AdapterSpec, hf_name, resolve
+from ftjax.peft.spec import EMBED, HEAD, AdapterSpec, hf_name, name_hit, resolve
 from ftjax.peft.tree import (init_adapters, linear_dicts, module_dicts, save_names,
                              saved_modules, weight_dicts)
 
@@ -145,7 +145,7 @@ def spec_from_adapter_config(cfg: dict, where: str, base: Optional[AdapterSpec],
                double_quant=base.double_quant) if base is not None else {}
   save = cfg.get("modules_to_save") or ()
   save = tuple(t for t in ([save] if isinstance(save, str) else save)
-               if any(m == t or m.endswith("." + t) for m in modules))
+               if any(name_hit((t,), m) for m in modules))
   return AdapterSpec(
       r=int(cfg["r"]), alpha=float(cfg.get("lora_alpha", 8)),
       dropout=float(cfg.get("lora_dropout", 0.0)), target_modules=target,

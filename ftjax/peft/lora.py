@@ -196,11 +196,16 @@ def adapt_linear(module, x: jax.Array, in_f: int, out_f: int, dtype,
   return add_bias(_dora(x, xd, matmul, kernel, base, lora, a, b, m, s, dtype))
 
 
+def _magnitude_scale(w, a, b, m, s, dtype):
+  """DoRA's m / ||W + s*A@B|| per output column (float32 norm, detached as in PEFT)."""
+  w = w.astype(jnp.float32) + s * jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))
+  norm = jax.lax.stop_gradient(jnp.linalg.norm(w, axis=0))
+  return (m.astype(jnp.float32) / norm).astype(dtype)
+
+
 def _dora(x, xd, matmul, kernel, base, lora, a, b, m, s, dtype):
   """PEFT's DoRA: m / ||W + s*A@B||_in (norm detached) rescales base and LoRA outputs."""
-  w = kernel().astype(jnp.float32) + s * jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32))
-  norm = jax.lax.stop_gradient(jnp.linalg.norm(w, axis=0))  # [out], float32
-  mag_scale = (m.astype(jnp.float32) / norm).astype(dtype)
+  mag_scale = _magnitude_scale(kernel(), a, b, m, s, dtype)
   if xd is x:
     return mag_scale * (base + lora)
   # With dropout PEFT rescales the base path of the dropped-out input (dora.py: base_result=None).
@@ -246,7 +251,4 @@ def adapt_embed(module, tokens: jax.Array, base: jax.Array) -> jax.Array:
   lora = layers.matmul(jnp.take(a.astype(dtype), tokens, axis=0), (b * s).astype(dtype))
   if m is None:
     return base + lora
-  w = module.embedding.astype(jnp.float32) + s * jnp.dot(a.astype(jnp.float32),
-                                                         b.astype(jnp.float32))
-  norm = jax.lax.stop_gradient(jnp.linalg.norm(w, axis=0))  # [D], float32, as in PEFT
-  return (m.astype(jnp.float32) / norm).astype(dtype) * (base + lora)
+  return _magnitude_scale(module.embedding, a, b, m, s, dtype) * (base + lora)
