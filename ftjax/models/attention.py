@@ -77,7 +77,8 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, layer_idx):
+  def __call__(self, x, rope, segment_ids, layer_idx):
+    """x [B, T, D]; rope: `layers.rope_tables` (None without rotary embeddings)."""
     cfg = self.cfg
     b, t, _ = x.shape
     n, kv, h = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
@@ -88,8 +89,8 @@ class Attention(nn.Module):
     if cfg.qk_norm:
       q = Norm(cfg, "head_dim", name="q_norm")(q)
       k = Norm(cfg, "head_dim", name="k_norm")(k)
-    if cfg.pos_embedding == "rope":
-      q, k = apply_rope(q, positions, cfg), apply_rope(k, positions, cfg)
+    if rope is not None:
+      q, k = apply_rope(q, rope), apply_rope(k, rope)
     q = constrain(q, ("batch", "length", "act_heads", None))
     k = constrain(k, ("batch", "length", "act_kv_heads", None))
     v = constrain(v, ("batch", "length", "act_kv_heads", None))

@@ -69,11 +69,16 @@ def _mask_T(seg, use_window, i0: int, i1: int, window: Optional[int]):
 
 
 def _forward(qh, kh, vh, seg, use_window, bq, window):
-  """qh [B,K,T,G,H] (already scaled), kh/vh [B,K,S,H] -> o [B,K,T,G,H], lse, probs per block."""
-  outs, probs = [], []
+  """qh [B,K,T,G,H] (already scaled), kh/vh [B,K,S,H] -> o [B,K,T,G,H] and the residuals.
+
+  The residuals are the per-block operands themselves (query block, key/value prefix) next to the
+  probabilities: the backward pass reuses these copies instead of slicing q/k/v again, which on
+  XLA:CPU re-evaluated the producers fused into each slice (RoPE's cos/sin included).
+  """
+  outs, blocks = [], []
   for i0, i1 in _blocks(qh.shape[2], bq):
-    s = jnp.einsum("bksh,bkqgh->bksqg", kh[:, :, :i1], qh[:, :, i0:i1],
-                   preferred_element_type=jnp.float32)
+    q_i, k_i, v_i = qh[:, :, i0:i1], kh[:, :, :i1], vh[:, :, :i1]
+    s = jnp.einsum("bksh,bkqgh->bksqg", k_i, q_i, preferred_element_type=jnp.float32)
     if seg is None and window is None:
       # Only causal: keys [0, i0) are all visible, so mask just the diagonal square in place.
       diag = jnp.where(_mask_T(None, None, i0, i1, None)[:, :, i0:], s[:, :, i0:], _NEG)
@@ -82,10 +87,10 @@ def _forward(qh, kh, vh, seg, use_window, bq, window):
       s = jnp.where(_mask_T(seg, use_window, i0, i1, window), s, _NEG)
     p = jnp.exp(s - jnp.max(s, axis=2, keepdims=True))
     p = p / jnp.sum(p, axis=2, keepdims=True)
-    outs.append(jnp.einsum("bksh,bksqg->bkhqg", vh[:, :, :i1], p.astype(vh.dtype)))
-    probs.append(p)
+    outs.append(jnp.einsum("bksh,bksqg->bkhqg", v_i, p.astype(vh.dtype)))
+    blocks.append((q_i, k_i, v_i, p))
   o = jnp.concatenate(outs, axis=3).transpose(0, 1, 3, 4, 2)  # [B, K, T, G, H]
-  return o, probs
+  return o, blocks
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -94,29 +99,32 @@ def _flash(qh, kh, vh, seg, use_window, bq, window):
 
 
 def _flash_fwd(qh, kh, vh, seg, use_window, bq, window):
-  o, probs = _forward(qh, kh, vh, seg, use_window, bq, window)
-  return o, (qh, kh, vh, seg, use_window, o, probs)
+  o, blocks = _forward(qh, kh, vh, seg, use_window, bq, window)
+  return o, (o, blocks)
 
 
 def _flash_bwd(bq, window, res, do):
-  qh, kh, vh, seg, use_window, o, probs = res
+  o, blocks = res
   # softmax backward: ds = p * (dp - rowsum(do * o)), the rowsum being sum_j p_j dp_j.
   dsum = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # [B, K, T, G]
+  q_dtype, k_dtype, v_dtype = blocks[0][0].dtype, blocks[0][1].dtype, blocks[0][2].dtype
+  b, kv, t, _, _ = o.shape
+  h = blocks[0][1].shape[-1]
   dq_blocks = []
-  dk = jnp.zeros(kh.shape, jnp.float32)
-  dv = jnp.zeros(vh.shape, jnp.float32)
-  for (i0, i1), p in zip(_blocks(qh.shape[2], bq), probs):
-    q_i, do_i = qh[:, :, i0:i1], do[:, :, i0:i1]
-    dp = jnp.einsum("bksh,bkqgh->bksqg", vh[:, :, :i1], do_i, preferred_element_type=jnp.float32)
-    ds = (p * (dp - dsum[:, :, None, i0:i1])).astype(qh.dtype)
-    dq_blocks.append(jnp.einsum("bksh,bksqg->bkhqg", kh[:, :, :i1], ds))
+  dk = jnp.zeros((b, kv, t, h), jnp.float32)
+  dv = jnp.zeros((b, kv, t, h), jnp.float32)
+  for (i0, i1), (q_i, k_i, v_i, p) in zip(_blocks(t, bq), blocks):
+    do_i = do[:, :, i0:i1]
+    dp = jnp.einsum("bksh,bkqgh->bksqg", v_i, do_i, preferred_element_type=jnp.float32)
+    ds = (p * (dp - dsum[:, :, None, i0:i1])).astype(q_dtype)
+    dq_blocks.append(jnp.einsum("bksh,bksqg->bkhqg", k_i, ds))
     dk = dk.at[:, :, :i1].add(
         jnp.einsum("bksqg,bkqgh->bksh", ds, q_i, preferred_element_type=jnp.float32))
     dv = dv.at[:, :, :i1].add(
         jnp.einsum("bksqg,bkqgh->bksh", p.astype(do.dtype), do_i,
                    preferred_element_type=jnp.float32))
   dq = jnp.concatenate(dq_blocks, axis=3).transpose(0, 1, 3, 4, 2)
-  return dq, dk.astype(kh.dtype), dv.astype(vh.dtype), None, None
+  return dq, dk.astype(k_dtype), dv.astype(v_dtype), None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -150,19 +150,35 @@ def rope_inv_freq(cfg: ModelConfig, seq_len=None) -> Tuple[jax.Array, float]:
                    "(supported: default, linear, dynamic, llama3)")
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """Rotary embedding, HF 'rotate_half' layout. x: [B, T, N, H]; positions: [B, T] int.
+def rope_tables(positions: jax.Array, cfg: ModelConfig, dtype) -> Tuple[jax.Array, jax.Array]:
+  """cos, sin [B, T, 1, 1, H/2] for `apply_rope`, from positions [B, T] int.
+
+  Computed once per forward pass (the Decoder hands them to every layer): left inside each layer,
+  XLA:CPU fuses the cos/sin into every consumer of the rotated q/k, so each attention block's
+  slice of q re-evaluated them (~5% of an SFT step on the bench model).
+  """
+  inv, attn_factor = rope_inv_freq(cfg, positions.max() + 1)
+  freqs = positions.astype(jnp.float32)[..., None] * inv  # [B, T, H/2]
+  # HF computes cos/sin in float32 and casts them to the activation dtype before rotating.
+  cos_sin = jnp.concatenate([jnp.cos(freqs), jnp.sin(freqs)], -1) * attn_factor
+  # Multiplying by the identity is exact, and a matmul's output is a buffer that XLA cannot fuse
+  # into its consumers: without it XLA:CPU recomputes cos/sin inside every fusion that reads the
+  # rotated q/k (each attention block's slice of q, forward and backward), ~4% of an SFT step.
+  # (lax.optimization_barrier does not stop that: XLA:CPU removes barriers before fusing.)
+  eye = jnp.eye(cos_sin.shape[-1], dtype=jnp.float32)
+  cos_sin = jnp.dot(cos_sin, eye, precision=jax.lax.Precision.HIGHEST).astype(dtype)
+  cos, sin = jnp.split(cos_sin[:, :, None, None, :], 2, axis=-1)
+  return cos, sin
+
+
+def apply_rope(x: jax.Array, rope: Tuple[jax.Array, jax.Array]) -> jax.Array:
+  """Rotary embedding, HF 'rotate_half' layout. x: [B, T, N, H]; rope = rope_tables(...).
 
   Written on the halves [..., 2, H/2] with a flip instead of slicing and concatenating: the same
   products and sums as HF's x * cos + rotate_half(x) * sin (bit for bit), but one fused pass on
   XLA:CPU instead of a concatenate fusion (~3% of an SFT step on the bench model).
   """
-  seq_len = positions.max() + 1
-  inv, attn_factor = rope_inv_freq(cfg, seq_len)
-  freqs = positions.astype(jnp.float32)[..., None] * inv  # [B, T, H/2]
-  # HF computes cos/sin in float32 and casts them to the activation dtype before rotating.
-  cos = (jnp.cos(freqs) * attn_factor).astype(x.dtype)[:, :, None, None, :]
-  sin = (jnp.sin(freqs) * attn_factor).astype(x.dtype)[:, :, None, None, :]
+  cos, sin = (r.astype(x.dtype) for r in rope)
   halves = x.reshape(x.shape[:-1] + (2, x.shape[-1] // 2))  # [..., (x1, x2), H/2]
   sign = jnp.asarray([-1.0, 1.0], x.dtype)[:, None]  # rotate_half = (-x2, x1)
   return (halves * cos + jnp.flip(halves, axis=-2) * (sign * sin)).reshape(x.shape)

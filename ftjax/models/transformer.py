@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from ftjax.models.attention import Attention
 from ftjax.models.config import ModelConfig
-from ftjax.models.layers import MLP, Embed, Linear, Norm, constrain
+from ftjax.models.layers import MLP, Embed, Linear, Norm, constrain, rope_tables
 
 _REMAT_POLICIES = {
     "full": None,
@@ -28,10 +28,10 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, layer_idx, positions, segment_ids):
+  def __call__(self, x, layer_idx, rope, segment_ids):
     cfg = self.cfg
     h = Norm(cfg, name="input_layernorm")(x)
-    h = Attention(cfg, name="self_attn")(h, positions, segment_ids, layer_idx)
+    h = Attention(cfg, name="self_attn")(h, rope, segment_ids, layer_idx)
     if cfg.post_norms:
       h = Norm(cfg, name="post_attention_layernorm")(h)
     x = x + h
@@ -99,7 +99,8 @@ class Decoder(nn.Module):
     if cfg.pos_embedding == "learned":
       x = x + self.embed_positions(positions)
     x = constrain(x, ("batch", "length", "act_embed"))
-    x, _ = self.layers(x, jnp.arange(cfg.num_layers), positions, segment_ids)
+    rope = rope_tables(positions, cfg, x.dtype) if cfg.pos_embedding == "rope" else None
+    x, _ = self.layers(x, jnp.arange(cfg.num_layers), rope, segment_ids)
     x = self.norm(x)
     if return_hidden:
       return x
