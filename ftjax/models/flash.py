@@ -5,14 +5,17 @@ Why not `jax.nn.dot_product_attention` or one big masked softmax on CPU: both ma
 transposing and re-reading that square (its backward contracts it over both axes) than in the
 matmuls. Here queries are cut into blocks and block i only meets keys [0, end of block i), so the
 score matrices cover ~(1 + 1/n_blocks) / 2 of the square (62.5% at 4 blocks), and every block is
-kept in one "keys-major" layout [B, K, keys, queries, G] in which all six products of the forward
-and backward pass contract over an axis the library takes without copying the big operand:
+kept in one "keys-major" layout [B, K, keys, rows] (rows = (query, grouped head) pairs, one merged
+axis) in which all six products of the forward and backward pass are plain row-major matmuls that
+XLA:CPU hands to its matmul library without copying the big operand:
 
   forward   s^T = k q^T          (contract head dim)     o^T = v^T p^T       (contract keys)
   backward  dp^T = v do^T        (contract head dim)     dk = ds^T q, dv = p^T do (contract rows)
-            dq^T = k^T ds^T      (contract keys; only the small k is transposed)
+            dq^T = k^T ds^T      (contract keys)
 
-Grouped-query heads are folded into the rows (query, group) so K/V are never repeated; the
+Only the small k and v are transposed ([B, K, H, S], once per layer). Merging (query, group) into
+one axis matters: with two contracting axes XLA reordered them through a transposing copy of
+every probability block. Grouped-query heads ride in the rows so K/V are never repeated; the
 softmax is float32 and the probabilities are kept for the backward pass (no recompute: on CPU the
 extra matmul costs more than re-reading them). Numerics equal the plain softmax path to float32
 rounding (tested against it and against HF transformers).
@@ -60,71 +63,74 @@ def visible(q_idx, k_idx, q_seg=None, k_seg=None, window: Optional[int] = None,
   return ok
 
 
-def _mask_T(seg, use_window, i0: int, i1: int, window: Optional[int]):
-  """Boolean [B or 1, 1, i1, i1 - i0, 1]: key j (rows) visible from query i (cols), keys [0, i1)."""
+def _mask_T(seg, use_window, i0: int, i1: int, g: int, window: Optional[int]):
+  """Boolean [B or 1, 1, i1, (i1 - i0) * g]: key j (rows) visible from query row (i, group)."""
   seg_pair = (None, None) if seg is None else (seg[:, None, i0:i1], seg[:, :i1, None])
   ok = visible(jnp.arange(i0, i1)[None, :], jnp.arange(i1)[:, None], *seg_pair, window,
                use_window)
-  return (ok if seg is not None else ok[None])[:, None, :, :, None]
+  ok = (ok if seg is not None else ok[None])[:, None, :, :, None]
+  return jnp.broadcast_to(ok, ok.shape[:-1] + (g,)).reshape(ok.shape[:3] + (-1,))
 
 
-def _forward(qh, kh, vh, seg, use_window, bq, window):
-  """qh [B,K,T,G,H] (already scaled), kh/vh [B,K,S,H] -> o [B,K,T,G,H] and the residuals.
+def _forward(qr, kh, vh, seg, use_window, bq, g, window):
+  """qr [B,K,T*G,H] (rows = (query, group), already scaled), kh/vh [B,K,S,H] -> o [B,K,T*G,H].
 
-  The residuals are the per-block operands themselves (query block, key/value prefix) next to the
-  probabilities: the backward pass reuses these copies instead of slicing q/k/v again, which on
-  XLA:CPU re-evaluated the producers fused into each slice (RoPE's cos/sin included).
+  Rows merge each query with its G grouped heads, so every product has one contracting axis and
+  XLA never reorders (query, group) pairs with a transposing copy. The residuals are the
+  per-block operands themselves (query rows, key/value prefixes) next to the probabilities: the
+  backward pass reuses these copies instead of slicing q/k/v again.
   """
   outs, blocks = [], []
-  for i0, i1 in _blocks(qh.shape[2], bq):
-    q_i, k_i, v_i = qh[:, :, i0:i1], kh[:, :, :i1], vh[:, :, :i1]
-    s = jnp.einsum("bksh,bkqgh->bksqg", k_i, q_i, preferred_element_type=jnp.float32)
+  vt = vh.transpose(0, 1, 3, 2)  # [B, K, H, S]: o^T = v^T p^T with both operands row-major
+  for i0, i1 in _blocks(qr.shape[2] // g, bq):
+    q_i, k_i, vt_i = qr[:, :, i0 * g:i1 * g], kh[:, :, :i1], vt[:, :, :, :i1]
+    s = jnp.einsum("bksh,bkrh->bksr", k_i, q_i, preferred_element_type=jnp.float32)
     if seg is None and window is None:
       # Only causal: keys [0, i0) are all visible, so mask just the diagonal square in place.
-      diag = jnp.where(_mask_T(None, None, i0, i1, None)[:, :, i0:], s[:, :, i0:], _NEG)
+      diag = jnp.where(_mask_T(None, None, i0, i1, g, None)[:, :, i0:], s[:, :, i0:], _NEG)
       s = s.at[:, :, i0:].set(diag)
     else:
-      s = jnp.where(_mask_T(seg, use_window, i0, i1, window), s, _NEG)
+      s = jnp.where(_mask_T(seg, use_window, i0, i1, g, window), s, _NEG)
     p = jnp.exp(s - jnp.max(s, axis=2, keepdims=True))
     p = p / jnp.sum(p, axis=2, keepdims=True)
-    outs.append(jnp.einsum("bksh,bksqg->bkhqg", v_i, p.astype(vh.dtype)))
-    blocks.append((q_i, k_i, v_i, p))
-  o = jnp.concatenate(outs, axis=3).transpose(0, 1, 3, 4, 2)  # [B, K, T, G, H]
+    outs.append(jnp.einsum("bkhs,bksr->bkhr", vt_i, p.astype(vh.dtype)))
+    blocks.append((q_i, p))
+  o = jnp.concatenate(outs, axis=3).transpose(0, 1, 3, 2)  # [B, K, T*G, H]
   return o, blocks
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _flash(qh, kh, vh, seg, use_window, bq, window):
-  return _forward(qh, kh, vh, seg, use_window, bq, window)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(qr, kh, vh, seg, use_window, bq, g, window):
+  return _forward(qr, kh, vh, seg, use_window, bq, g, window)[0]
 
 
-def _flash_fwd(qh, kh, vh, seg, use_window, bq, window):
-  o, blocks = _forward(qh, kh, vh, seg, use_window, bq, window)
-  return o, (o, blocks)
+def _flash_fwd(qr, kh, vh, seg, use_window, bq, g, window):
+  o, blocks = _forward(qr, kh, vh, seg, use_window, bq, g, window)
+  return o, (kh, vh, o, blocks)
 
 
-def _flash_bwd(bq, window, res, do):
-  o, blocks = res
+def _flash_bwd(bq, g, window, res, do):
+  kh, vh, o, blocks = res
   # softmax backward: ds = p * (dp - rowsum(do * o)), the rowsum being sum_j p_j dp_j.
-  dsum = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # [B, K, T, G]
-  q_dtype, k_dtype, v_dtype = blocks[0][0].dtype, blocks[0][1].dtype, blocks[0][2].dtype
-  b, kv, t, _, _ = o.shape
-  h = blocks[0][1].shape[-1]
+  dsum = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # [B, K, T*G]
+  q_dtype = blocks[0][0].dtype
+  b, kv, tg, h = o.shape
+  kt = kh.transpose(0, 1, 3, 2)  # [B, K, H, S]: dq^T = k^T ds^T with both operands row-major
   dq_blocks = []
-  dk = jnp.zeros((b, kv, t, h), jnp.float32)
-  dv = jnp.zeros((b, kv, t, h), jnp.float32)
-  for (i0, i1), (q_i, k_i, v_i, p) in zip(_blocks(t, bq), blocks):
-    do_i = do[:, :, i0:i1]
-    dp = jnp.einsum("bksh,bkqgh->bksqg", v_i, do_i, preferred_element_type=jnp.float32)
-    ds = (p * (dp - dsum[:, :, None, i0:i1])).astype(q_dtype)
-    dq_blocks.append(jnp.einsum("bksh,bksqg->bkhqg", k_i, ds))
+  dk = jnp.zeros((b, kv, tg // g, h), jnp.float32)
+  dv = jnp.zeros((b, kv, tg // g, h), jnp.float32)
+  for (i0, i1), (q_i, p) in zip(_blocks(tg // g, bq), blocks):
+    do_i, v_i, kt_i = do[:, :, i0 * g:i1 * g], vh[:, :, :i1], kt[:, :, :, :i1]
+    dp = jnp.einsum("bksh,bkrh->bksr", v_i, do_i, preferred_element_type=jnp.float32)
+    ds = (p * (dp - dsum[:, :, None, i0 * g:i1 * g])).astype(q_dtype)
+    dq_blocks.append(jnp.einsum("bkhs,bksr->bkhr", kt_i, ds))
     dk = dk.at[:, :, :i1].add(
-        jnp.einsum("bksqg,bkqgh->bksh", ds, q_i, preferred_element_type=jnp.float32))
+        jnp.einsum("bksr,bkrh->bksh", ds, q_i, preferred_element_type=jnp.float32))
     dv = dv.at[:, :, :i1].add(
-        jnp.einsum("bksqg,bkqgh->bksh", p.astype(do.dtype), do_i,
+        jnp.einsum("bksr,bkrh->bksh", p.astype(do.dtype), do_i,
                    preferred_element_type=jnp.float32))
-  dq = jnp.concatenate(dq_blocks, axis=3).transpose(0, 1, 3, 4, 2)
-  return dq, dk.astype(k_dtype), dv.astype(v_dtype), None, None
+  dq = jnp.concatenate(dq_blocks, axis=3).transpose(0, 1, 3, 2)
+  return dq, dk.astype(kh.dtype), dv.astype(vh.dtype), None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -142,11 +148,13 @@ def flash_attention(q, k, v, segment_ids, scale: float, window: Optional[int] = 
   if k.shape[1] != t:
     raise ValueError(f"flash_attention is self-attention: {t} queries vs {k.shape[1]} keys")
   # N = K * G with kv-head-major order (HF repeat_kv); scaling q once is cheaper than the scores.
-  qh = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, kv, n // kv, h).transpose(0, 2, 1, 3, 4)
+  g = n // kv
+  qr = (q * jnp.asarray(scale, q.dtype)).reshape(b, t, kv, g, h).transpose(0, 2, 1, 3, 4)
+  qr = qr.reshape(b, kv, t * g, h)
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   if segment_ids is not None:
     segment_ids = jnp.asarray(segment_ids, jnp.int32)
   if use_window is not None:
     use_window = jnp.asarray(use_window, bool)
-  o = _flash(qh, kh, vh, segment_ids, use_window, block or block_size(t), window)
-  return o.transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+  o = _flash(qr, kh, vh, segment_ids, use_window, block or block_size(t), g, window)
+  return o.reshape(b, kv, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
