@@ -76,9 +76,9 @@ def _forward(qr, kh, vh, seg, use_window, bq, g, window):
   """qr [B,K,T*G,H] (rows = (query, group), already scaled), kh/vh [B,K,S,H] -> o [B,K,T*G,H].
 
   Rows merge each query with its G grouped heads, so every product has one contracting axis and
-  XLA never reorders (query, group) pairs with a transposing copy. The residuals are the
-  per-block operands themselves (query rows, key/value prefixes) next to the probabilities: the
-  backward pass reuses these copies instead of slicing q/k/v again.
+  XLA never reorders (query, group) pairs with a transposing copy. Returns o and, per block, the
+  query rows and probabilities: the backward pass reuses those copies instead of slicing q again
+  (XLA:CPU re-evaluated the producers fused into each slice).
   """
   outs, blocks = [], []
   vt = vh.transpose(0, 1, 3, 2)  # [B, K, H, S]: o^T = v^T p^T with both operands row-major

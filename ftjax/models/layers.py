@@ -153,9 +153,8 @@ def rope_inv_freq(cfg: ModelConfig, seq_len=None) -> Tuple[jax.Array, float]:
 def rope_tables(positions: jax.Array, cfg: ModelConfig, dtype) -> Tuple[jax.Array, jax.Array]:
   """cos, sin [B, T, 1, 1, H/2] for `apply_rope`, from positions [B, T] int.
 
-  Computed once per forward pass (the Decoder hands them to every layer): left inside each layer,
-  XLA:CPU fuses the cos/sin into every consumer of the rotated q/k, so each attention block's
-  slice of q re-evaluated them (~5% of an SFT step on the bench model).
+  Computed once per forward pass; the Decoder hands them to every layer (cos/sin of the same
+  positions are the same for all layers).
   """
   inv, attn_factor = rope_inv_freq(cfg, positions.max() + 1)
   freqs = positions.astype(jnp.float32)[..., None] * inv  # [B, T, H/2]
