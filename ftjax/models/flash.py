@@ -6,15 +6,16 @@ transposing and re-reading that square (its backward contracts it over both axes
 matmuls. Here queries are cut into blocks and block i only meets keys [0, end of block i), so the
 score matrices cover ~(1 + 1/n_blocks) / 2 of the square (62.5% at 4 blocks), and every block is
 kept in one "keys-major" layout [B, K, keys, rows] (rows = (query, grouped head) pairs, one merged
-axis) in which all six products of the forward and backward pass are plain row-major matmuls that
-XLA:CPU hands to its matmul library without copying the big operand:
+axis), with every product a single-contraction matmul:
 
-  forward   s^T = k q^T          (contract head dim)     o^T = v^T p^T       (contract keys)
-  backward  dp^T = v do^T        (contract head dim)     dk = ds^T q, dv = p^T do (contract rows)
-            dq^T = k^T ds^T      (contract keys)
+  forward   s = k q^T      (contract head dim)     o = p^T v       (contract keys)
+  backward  dp = v do^T    (contract head dim)     dq = ds^T k     (contract keys)
+            dk = ds q,  dv = p do                  (contract rows)
 
-Only the small k and v are transposed ([B, K, H, S], once per layer). Merging (query, group) into
-one axis matters: with two contracting axes XLA reordered them through a transposing copy of
+o and dq come out in [B, K, rows, H], the layout their consumers want, so nothing but the usual
+head transposes sits between the blocks and the projections (writing them transposed, o^T = v^T p,
+cost more in the transposing copies back than it saved in the matmuls). Merging (query, group)
+into one axis matters: with two contracting axes XLA reordered them through a transposing copy of
 every probability block. Grouped-query heads ride in the rows so K/V are never repeated; the
 softmax is float32 and the probabilities are kept for the backward pass (no recompute: on CPU the
 extra matmul costs more than re-reading them). Numerics equal the plain softmax path to float32
@@ -81,9 +82,8 @@ def _forward(qr, kh, vh, seg, use_window, bq, g, window):
   (XLA:CPU re-evaluated the producers fused into each slice).
   """
   outs, blocks = [], []
-  vt = vh.transpose(0, 1, 3, 2)  # [B, K, H, S]: o^T = v^T p^T with both operands row-major
   for i0, i1 in _blocks(qr.shape[2] // g, bq):
-    q_i, k_i, vt_i = qr[:, :, i0 * g:i1 * g], kh[:, :, :i1], vt[:, :, :, :i1]
+    q_i, k_i, v_i = qr[:, :, i0 * g:i1 * g], kh[:, :, :i1], vh[:, :, :i1]
     s = jnp.einsum("bksh,bkrh->bksr", k_i, q_i, preferred_element_type=jnp.float32)
     if seg is None and window is None:
       # Only causal: keys [0, i0) are all visible, so mask just the diagonal square in place.
@@ -93,9 +93,9 @@ def _forward(qr, kh, vh, seg, use_window, bq, g, window):
       s = jnp.where(_mask_T(seg, use_window, i0, i1, g, window), s, _NEG)
     p = jnp.exp(s - jnp.max(s, axis=2, keepdims=True))
     p = p / jnp.sum(p, axis=2, keepdims=True)
-    outs.append(jnp.einsum("bkhs,bksr->bkhr", vt_i, p.astype(vh.dtype)))
+    outs.append(jnp.einsum("bksr,bksh->bkrh", p.astype(vh.dtype), v_i))
     blocks.append((q_i, p))
-  o = jnp.concatenate(outs, axis=3).transpose(0, 1, 3, 2)  # [B, K, T*G, H]
+  o = jnp.concatenate(outs, axis=2)  # [B, K, T*G, H]
   return o, blocks
 
 
@@ -115,21 +115,20 @@ def _flash_bwd(bq, g, window, res, do):
   dsum = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # [B, K, T*G]
   q_dtype = blocks[0][0].dtype
   b, kv, tg, h = o.shape
-  kt = kh.transpose(0, 1, 3, 2)  # [B, K, H, S]: dq^T = k^T ds^T with both operands row-major
   dq_blocks = []
   dk = jnp.zeros((b, kv, tg // g, h), jnp.float32)
   dv = jnp.zeros((b, kv, tg // g, h), jnp.float32)
   for (i0, i1), (q_i, p) in zip(_blocks(tg // g, bq), blocks):
-    do_i, v_i, kt_i = do[:, :, i0 * g:i1 * g], vh[:, :, :i1], kt[:, :, :, :i1]
+    do_i, k_i, v_i = do[:, :, i0 * g:i1 * g], kh[:, :, :i1], vh[:, :, :i1]
     dp = jnp.einsum("bksh,bkrh->bksr", v_i, do_i, preferred_element_type=jnp.float32)
     ds = (p * (dp - dsum[:, :, None, i0 * g:i1 * g])).astype(q_dtype)
-    dq_blocks.append(jnp.einsum("bkhs,bksr->bkhr", kt_i, ds))
+    dq_blocks.append(jnp.einsum("bksr,bksh->bkrh", ds, k_i))
     dk = dk.at[:, :, :i1].add(
         jnp.einsum("bksr,bkrh->bksh", ds, q_i, preferred_element_type=jnp.float32))
     dv = dv.at[:, :, :i1].add(
         jnp.einsum("bksr,bkrh->bksh", p.astype(do.dtype), do_i,
                    preferred_element_type=jnp.float32))
-  dq = jnp.concatenate(dq_blocks, axis=3).transpose(0, 1, 3, 2)
+  dq = jnp.concatenate(dq_blocks, axis=2)
   return dq, dk.astype(kh.dtype), dv.astype(vh.dtype), None, None
 
 
