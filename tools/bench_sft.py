@@ -7,7 +7,8 @@ implementations alternate round by round; we report medians over rounds. Model F
 6 * N * tokens (N = parameters that take part in matmuls, i.e. without the input embedding) plus
 causal attention 6 * L * T * d per token (QK^T and AV, forward + backward, half the square), as a
 fraction of the machine's float32 matmul peak measured here with a large jnp.dot.
-Measured (2-core CPU, 5 rounds): ftjax 767 tok/s vs torch 737 (1.04x; 1.01x in a second run).
+Measured (2-core CPU, 5 rounds): ftjax 764 tok/s vs torch 705 (1.08x; loaded machine; the
+previous commit measured 1.04x and 1.01x).
 """
 
 from __future__ import annotations
