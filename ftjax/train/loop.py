@@ -204,20 +204,22 @@ def run(config, workdir: str) -> Dict[str, Any]:
 
     writer = MetricWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
     summary: Dict[str, Any] = {"start_step": start}
-    if start == 0 and ec.get("every", 0):
-      before = run_eval(state["params"], frozen)
-      writer.write(0, before)
-      summary["eval_before"] = before
-      _log(f"step 0 eval: {_fmt(before)}")
-
     log_every = int(tc.get("log_every", 10))
     ckpt_every = int(config.checkpoint.get("every", 0))
-    pbar = _progress(start, total_steps)
-    t_last, tokens_since, step = time.perf_counter(), 0.0, start
+    pbar, step = None, start
     pending = None
     first_loss = None
     try:
+      # The signal handler covers the step-0 eval too: a SIGTERM there stops after one step with a
+      # checkpoint instead of killing the process.
       with _Preempted() as pre:
+        if start == 0 and ec.get("every", 0):
+          before = run_eval(state["params"], frozen)
+          writer.write(0, before)
+          summary["eval_before"] = before
+          _log(f"step 0 eval: {_fmt(before)}")
+        pbar = _progress(start, total_steps)
+        t_last, tokens_since = time.perf_counter(), 0.0
         while step < total_steps:
           try:
             batch = next(it)
@@ -261,7 +263,8 @@ def run(config, workdir: str) -> Dict[str, Any]:
             summary["preempted"] = True
             break
     finally:  # close the bar and finish async saves even when a step fails
-      pbar.close()
+      if pbar is not None:
+        pbar.close()
       ckpt.close()
       writer.close()
   summary.update(end_step=step, first_loss=first_loss,
