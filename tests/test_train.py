@@ -79,17 +79,19 @@ def test_resume_is_exact(straight, tmp_path):
 
 def test_sigterm_checkpoints_and_resume_continues_exactly(straight, tmp_path):
   from ftjax import train
-  wd = str(tmp_path)
+  wd = str(tmp_path / "workdir")
   cmd = [sys.executable, "-m", "ftjax", "train",
          f"--config={REPO}/configs/sft_tiny.py:steps=8", f"--workdir={wd}", *TINY]
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  log = tmp_path / "train.log"  # a file, not a pipe nobody drains while we poll
+  with open(log, "w") as f:
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, text=True)
   metrics = os.path.join(wd, "metrics.jsonl")
   deadline = time.time() + 300
   while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics)):
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=300)
+  proc.wait(timeout=300)
+  out = log.read_text()
   assert proc.returncode == 0, out
   stopped = max(_losses(wd))
   assert os.path.isdir(os.path.join(wd, "checkpoints", str(stopped))), out
@@ -128,18 +130,33 @@ def _free_port():
 
 def test_two_processes_match_one_device(straight, tmp_path):
   port = _free_port()
-  wd = str(tmp_path)
+  wd = str(tmp_path / "workdir")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "ftjax", "train", f"--config={REPO}/configs/sft_tiny.py:steps=8",
-       f"--workdir={wd}", *TINY, "--config.mesh=(('data', 4), ('fsdp', 2))",
-       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, o in zip(procs, outs):
-    assert p.returncode == 0, o[-3000:]
+  # One CI run saw process 0 time out (300 s) at jax.distributed's shutdown barrier because process
+  # 1 never reached it. To make a repeat diagnosable: each process logs to its own file (no pipe
+  # left undrained while the other is read), and a straggler gets SIGABRT, which with
+  # PYTHONFAULTHANDLER dumps every thread's Python stack into its log.
+  env["PYTHONFAULTHANDLER"] = "1"
+  logs = [tmp_path / f"proc{i}.log" for i in range(2)]
+  procs = []
+  for i in range(2):
+    with open(logs[i], "w") as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, "-m", "ftjax", "train", f"--config={REPO}/configs/sft_tiny.py:steps=8",
+           f"--workdir={wd}", *TINY, "--config.mesh=(('data', 4), ('fsdp', 2))",
+           f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+          cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
+  deadline = time.time() + 420  # a normal run takes 30-100 s, under the 300 s barrier timeout
+  while time.time() < deadline and any(p.poll() is None for p in procs):
+    time.sleep(0.5)
+  for p in procs:
+    if p.poll() is None:
+      p.send_signal(signal.SIGABRT)
+      p.wait(timeout=60)
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, (f"process {i} exited {p.returncode}:\n{log.read_text()[-6000:]}\n"
+                               f"process {1 - i}:\n{logs[1 - i].read_text()[-6000:]}")
   got, ref = _losses(wd), _losses(straight)
   np.testing.assert_allclose([got[k] for k in sorted(ref)], [ref[k] for k in sorted(ref)],
                              atol=1e-5, rtol=0)
