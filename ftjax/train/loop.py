@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -144,131 +145,21 @@ def _make_eval(config, model, tokenizer, jeval, put_eval, wrap, ref):
 def run(config, workdir: str) -> Dict[str, Any]:
   """Trains per `config`, resuming from `workdir` if it has checkpoints. Returns a summary."""
   _check_workdir(workdir)
-  tc = config.train
   mesh = shd.make_mesh(config.mesh)
   rules = shd.rules_from_config(config.sharding.get("rules"))
   accum = _validate(config, mesh, rules)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-
-  from ftjax import data  # pylint: disable=g-import-not-at-top
-  tokenizer = data.load_tokenizer(config.data.get("tokenizer"))
-  rng = jax.random.key(int(config.get("seed", 0)))
-  model_cfg = state_lib.model_config(config, tokenizer)
-  model_cfg, params = state_lib.init_params(config, model_cfg, mesh, rules, rng)
-  model = Decoder(model_cfg)
-  trainable, frozen = state_lib.split_params(config, params)
-  del params
-  _log(f"model: {state_lib.count_params(trainable):,} trainable / "
-       f"{state_lib.count_params(frozen):,} frozen params; mesh {dict(mesh.shape)}")
-
-  total_steps = int(tc.steps)
-  tx, sched = make_optimizer(config.optim, total_steps)
-  obj_fn = objectives.get(config.objective.name)
-  update_scale_fn = None
-  if "peft" in config and config.peft.get("method") == "hft":
-    from ftjax import peft  # pylint: disable=g-import-not-at-top
-    update_scale_fn = peft.hft_update_scale_fn(trainable, config.peft)
-  step_fn = make_train_step(model, obj_fn, config.objective, tx, sched,
-                            update_scale_fn=update_scale_fn)
-  eval_fn = make_eval_step(model, obj_fn, config.objective)
-
+  model_parts = _build_model(config, mesh, rules)
   with shd.mesh_rules(mesh, rules):
-    opt_state = jax.jit(tx.init)(trainable)
-    # jit with out_shardings (not device_put) so this also works when devices span processes.
-    step0, rng0 = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 7)),
-                          out_shardings=shd.replicated(mesh))()
-    state = {"params": trainable, "opt_state": opt_state, "step": step0, "rng": rng0}
-    ref = None
-    if config.objective.get("reference") == "copy":  # frozen copy of the initial weights
-      ref = jax.tree_util.tree_map(lambda x: x.copy(), merge_params(trainable, frozen))
-
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
-    it = _data_iter(config, tokenizer, "train", tc.batch_size, int(config.get("seed", 0)))
-    from ftjax.objectives.preference import reference_cache_wrapper  # pylint: disable=g-import-not-at-top
-    wrap = reference_cache_wrapper(config, workdir, model, merge_params(trainable, frozen),
-                                   tokenizer)  # objective.reference='precomputed' only
-    it = wrap(it, "train")
-    start = 0
-    if ckpt.latest_step() is not None:
-      start = ckpt.latest_step()
-      state, frozen, data_state, meta = ckpt.restore(start, abstract(state), abstract(frozen))
-      it.set_state(data_state)
-      _log(f"resumed from step {start} ({workdir})")
-
-    put_train, put_eval = _batch_putters(mesh, rules, accum)
-    jstep = jax.jit(step_fn, donate_argnums=(0,))
-    ec = config.eval
-    run_eval = _make_eval(config, model, tokenizer, jax.jit(eval_fn), put_eval, wrap, ref)
-
-    writer = MetricWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
-    summary: Dict[str, Any] = {"start_step": start}
-    log_every = int(tc.get("log_every", 10))
-    ckpt_every = int(config.checkpoint.get("every", 0))
-    pbar, step = None, start
-    pending = None
-    first_loss = None
+    r = _setup(config, workdir, mesh, rules, accum, *model_parts)
     try:
-      # The signal handler covers the step-0 eval too: a SIGTERM there stops after one step with a
-      # checkpoint instead of killing the process.
-      with _Preempted() as pre:
-        if start == 0 and ec.get("every", 0):
-          before = run_eval(state["params"], frozen)
-          writer.write(0, before)
-          summary["eval_before"] = before
-          _log(f"step 0 eval: {_fmt(before)}")
-        pbar = _progress(start, total_steps)
-        t_last, tokens_since = time.perf_counter(), 0.0
-        while step < total_steps:
-          try:
-            batch = next(it)
-          except StopIteration:
-            _log("data exhausted; stopping")
-            break
-          state, metrics = jstep(state, frozen, put_train(batch), ref)
-          tokens_since += _count_tokens(batch)
-          step += 1
-          pending = metrics
-          pbar.update(1)
-          last = step == total_steps
-          do_eval = ec.get("every", 0) and (step % int(ec.every) == 0 or last)
-          stop = pre.flag or step == int(tc.get("stop_at_step", 0) or -1)
-          do_ckpt = (ckpt_every and step % ckpt_every == 0) or last or stop
-          if step % log_every == 0 or step == start + 1 or last or do_eval or do_ckpt:
-            m = finalize_metrics(pending)
-            if not (math.isfinite(m["train_loss"]) and math.isfinite(m["grad_norm"])):
-              raise NonFiniteLossError(
-                  f"non-finite loss {m['train_loss']} (grad norm {m['grad_norm']}) at step "
-                  f"{step}; stopped without saving "
-                  f"(last good checkpoint: step {ckpt.latest_step()})")
-            m.pop("tokens", None)
-            now = time.perf_counter()
-            m["tokens_per_sec"] = tokens_since / max(now - t_last, 1e-9)
-            t_last, tokens_since = now, 0.0
-            m["perplexity"] = math.exp(min(m.get("loss", m["train_loss"]), 50.0))
-            if first_loss is None:
-              first_loss = m["train_loss"]
-            if do_eval:
-              m.update(run_eval(state["params"], frozen))
-              t_last = time.perf_counter()  # eval time is not training throughput
-            writer.write(step, m)
-            pbar.set_postfix(loss=f"{m['train_loss']:.4f}")
-            summary["last"] = m
-          if do_ckpt:
-            ckpt.save(step, state, frozen, it.get_state(),
-                      {"step": step, "model": _model_meta(model_cfg)},
-                      metrics=summary.get("last"))
-          if stop:
-            summary["preempted"] = True
-            break
-    finally:  # close the bar and finish async saves even when a step fails
-      if pbar is not None:
-        pbar.close()
-      ckpt.close()
-      writer.close()
-  summary.update(end_step=step, first_loss=first_loss,
-                 data_stats=getattr(it, "stats", {}))
+      summary = _train(config, r)
+    finally:  # finish async saves even when a step fails
+      r.ckpt.close()
+      r.writer.close()
+  summary.update(data_stats=getattr(r.it, "stats", {}))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2, default=float)
@@ -280,6 +171,155 @@ def run(config, workdir: str) -> Dict[str, Any]:
   return summary
 
 
+@dataclasses.dataclass
+class _Run:
+  """Everything one run's loop needs, built by `_setup`."""
+  model: Any
+  model_cfg: Any
+  state: Dict[str, Any]  # params (trainable), opt_state, step, rng
+  frozen: Any  # params that never train (PEFT base, HFT's frozen half lives in `state`)
+  ref: Any  # DPO-family reference params (objective.reference='copy') or None
+  it: Any  # train data iterator (checkpointable state)
+  ckpt: Checkpointer
+  writer: MetricWriter
+  jstep: Any
+  run_eval: Any
+  put_train: Any
+  start: int
+  total_steps: int
+
+
+def _build_model(config, mesh, rules):
+  """(tokenizer, model_cfg, model, trainable, frozen, rng): params created already sharded."""
+  from ftjax import data  # pylint: disable=g-import-not-at-top
+  tokenizer = data.load_tokenizer(config.data.get("tokenizer"))
+  rng = jax.random.key(int(config.get("seed", 0)))
+  model_cfg = state_lib.model_config(config, tokenizer)
+  model_cfg, params = state_lib.init_params(config, model_cfg, mesh, rules, rng)
+  trainable, frozen = state_lib.split_params(config, params)
+  del params
+  _log(f"model: {state_lib.count_params(trainable):,} trainable / "
+       f"{state_lib.count_params(frozen):,} frozen params; mesh {dict(mesh.shape)}")
+  return tokenizer, model_cfg, Decoder(model_cfg), trainable, frozen, rng
+
+
+def _setup(config, workdir: str, mesh, rules, accum: int, tokenizer, model_cfg, model,
+           trainable, frozen, rng) -> _Run:
+  """Sharded train state (restored if `workdir` has a checkpoint), data, jitted step and eval."""
+  from ftjax.objectives.preference import reference_cache_wrapper  # pylint: disable=g-import-not-at-top
+  tc = config.train
+  seed = int(config.get("seed", 0))
+  total_steps = int(tc.steps)
+  tx, sched = make_optimizer(config.optim, total_steps)
+  obj_fn = objectives.get(config.objective.name)
+  update_scale_fn = None
+  if "peft" in config and config.peft.get("method") == "hft":
+    from ftjax import peft  # pylint: disable=g-import-not-at-top
+    update_scale_fn = peft.hft_update_scale_fn(trainable, config.peft)
+  step_fn = make_train_step(model, obj_fn, config.objective, tx, sched,
+                            update_scale_fn=update_scale_fn)
+  eval_fn = make_eval_step(model, obj_fn, config.objective)
+
+  opt_state = jax.jit(tx.init)(trainable)
+  # jit with out_shardings (not device_put) so this also works when devices span processes.
+  step0, rng0 = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.fold_in(rng, 7)),
+                        out_shardings=shd.replicated(mesh))()
+  state = {"params": trainable, "opt_state": opt_state, "step": step0, "rng": rng0}
+  ref = None
+  if config.objective.get("reference") == "copy":  # frozen copy of the initial weights
+    ref = jax.tree_util.tree_map(lambda x: x.copy(), merge_params(trainable, frozen))
+
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint)
+  wrap = reference_cache_wrapper(config, workdir, model, merge_params(trainable, frozen),
+                                 tokenizer)  # objective.reference='precomputed' only
+  it = wrap(_data_iter(config, tokenizer, "train", tc.batch_size, seed), "train")
+  start = 0
+  if ckpt.latest_step() is not None:
+    start = ckpt.latest_step()
+    state, frozen, data_state, meta = ckpt.restore(start, abstract(state), abstract(frozen))
+    it.set_state(data_state)
+    _log(f"resumed from step {start} ({workdir})")
+
+  put_train, put_eval = _batch_putters(mesh, rules, accum)
+  run_eval = _make_eval(config, model, tokenizer, jax.jit(eval_fn), put_eval, wrap, ref)
+  return _Run(model=model, model_cfg=model_cfg, state=state, frozen=frozen, ref=ref, it=it,
+              ckpt=ckpt, writer=MetricWriter(workdir, resume_step=start,
+                                             enabled=jax.process_index() == 0),
+              jstep=jax.jit(step_fn, donate_argnums=(0,)), run_eval=run_eval,
+              put_train=put_train, start=start, total_steps=total_steps)
+
+
+def _train(config, r: _Run) -> Dict[str, Any]:
+  """The step loop: train, log, eval and checkpoint on schedule; stop on SIGTERM/SIGINT."""
+  tc, ec = config.train, config.eval
+  log_every = int(tc.get("log_every", 10))
+  ckpt_every = int(config.checkpoint.get("every", 0))
+  summary: Dict[str, Any] = {"start_step": r.start}
+  state, step, first_loss, pbar = r.state, r.start, None, None
+  try:
+    # The signal handler covers the step-0 eval too: a SIGTERM there stops after one step with a
+    # checkpoint instead of killing the process.
+    with _Preempted() as pre:
+      if r.start == 0 and ec.get("every", 0):
+        before = r.run_eval(state["params"], r.frozen)
+        r.writer.write(0, before)
+        summary["eval_before"] = before
+        _log(f"step 0 eval: {_fmt(before)}")
+      pbar = _progress(r.start, r.total_steps)
+      t_last, tokens_since = time.perf_counter(), 0.0
+      while step < r.total_steps:
+        try:
+          batch = next(r.it)
+        except StopIteration:
+          _log("data exhausted; stopping")
+          break
+        state, metrics = r.jstep(state, r.frozen, r.put_train(batch), r.ref)
+        tokens_since += _count_tokens(batch)
+        step += 1
+        pbar.update(1)
+        last = step == r.total_steps
+        do_eval = ec.get("every", 0) and (step % int(ec.every) == 0 or last)
+        stop = pre.flag or step == int(tc.get("stop_at_step", 0) or -1)
+        do_ckpt = (ckpt_every and step % ckpt_every == 0) or last or stop
+        if step % log_every == 0 or step == r.start + 1 or last or do_eval or do_ckpt:
+          m = _host_metrics(metrics, step, r.ckpt)
+          now = time.perf_counter()
+          m["tokens_per_sec"] = tokens_since / max(now - t_last, 1e-9)
+          t_last, tokens_since = now, 0.0
+          if first_loss is None:
+            first_loss = m["train_loss"]
+          if do_eval:
+            m.update(r.run_eval(state["params"], r.frozen))
+            t_last = time.perf_counter()  # eval time is not training throughput
+          r.writer.write(step, m)
+          pbar.set_postfix(loss=f"{m['train_loss']:.4f}")
+          summary["last"] = m
+        if do_ckpt:
+          r.ckpt.save(step, state, r.frozen, r.it.get_state(),
+                      {"step": step, "model": _model_meta(r.model_cfg)},
+                      metrics=summary.get("last"))
+        if stop:
+          summary["preempted"] = True
+          break
+  finally:
+    if pbar is not None:
+      pbar.close()
+  summary.update(end_step=step, first_loss=first_loss)
+  return summary
+
+
+def _host_metrics(metrics, step: int, ckpt: Checkpointer) -> Dict[str, float]:
+  """Device metrics -> host floats plus perplexity; a non-finite loss stops the run unsaved."""
+  m = finalize_metrics(metrics)
+  if not (math.isfinite(m["train_loss"]) and math.isfinite(m["grad_norm"])):
+    raise NonFiniteLossError(
+        f"non-finite loss {m['train_loss']} (grad norm {m['grad_norm']}) at step {step}; "
+        f"stopped without saving (last good checkpoint: step {ckpt.latest_step()})")
+  m.pop("tokens", None)
+  m["perplexity"] = math.exp(min(m.get("loss", m["train_loss"]), 50.0))
+  return m
+
+
 def _count_tokens(batch) -> int:
   """Non-padding tokens in the global batch (all token-bearing keys; host-side, no sync)."""
   n = sum(int((np.asarray(v) > 0).sum()) for k, v in batch.items() if k.endswith("segment_ids"))
@@ -287,7 +327,6 @@ def _count_tokens(batch) -> int:
 
 
 def _model_meta(cfg) -> dict:
-  import dataclasses  # pylint: disable=g-import-not-at-top
   return {k: v for k, v in dataclasses.asdict(cfg).items()
           if isinstance(v, (int, float, str, bool, type(None)))}
 
