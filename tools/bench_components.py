@@ -26,7 +26,7 @@ import statistics
 import time
 
 from bench_sft import BENCH  # tools/ is on sys.path
-from benchlib import spawn
+from benchlib import spawn, write_json
 
 PARTS = ("mlp", "proj", "attention", "head_ce")
 
@@ -159,9 +159,7 @@ def main():
     ms = {impl: statistics.median(r[part] for r in rs) for impl, rs in rows.items()}
     result["ms"][part] = ms
     print(f"{part:<11}{ms['ftjax']:>10.1f}{ms['torch']:>10.1f}{ms['torch'] / ms['ftjax']:>12.2f}x")
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as fh:
-    json.dump(result, fh, indent=2)
+  write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ import os
 import statistics
 import types
 
-from benchlib import hf_llama, matmul_peak_flops, spawn, timed  # tools/ is on sys.path
+from benchlib import (  # tools/ is on sys.path
+    hf_llama, matmul_peak_flops, spawn, timed, write_json)
 
 BENCH = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8,
              num_heads=8, num_kv_heads=4, seq_len=512, pairs=4, prompt_len=256, lora_r=16)
@@ -214,9 +215,7 @@ def main():
     if a and t:
       result[f"speedup_{mode}"] = a["pairs_per_s"] / t["pairs_per_s"]
       print(f"{mode}: ftjax / TRL pairs/s = {result[f'speedup_{mode}']:.2f}x")
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
+  write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import os
 import statistics
 import time
 
-from benchlib import hf_llama, peak_rss_mb, spawn  # tools/ is on sys.path
+from benchlib import hf_llama, peak_rss_mb, spawn, write_json  # tools/ is on sys.path
 
 BENCH = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8,
              num_heads=8, num_kv_heads=4, seq_len=512, batch_size=4)
@@ -249,9 +249,7 @@ def main():
   if "lora" in got and "full" in got:
     result["lora_vs_full_peak_mem"] = got["lora"]["peak_rss_mb"] / got["full"]["peak_rss_mb"]
     print(f"ftjax LoRA / full FT peak RSS: {result['lora_vs_full_peak_mem']:.0%}")
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
+  write_json(args.out, result)
 
 
 if __name__ == "__main__":

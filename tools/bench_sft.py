@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
-from benchlib import hf_llama, matmul_peak_flops, peak_rss_mb, spawn, timed  # tools/ is on sys.path
+from benchlib import (  # tools/ is on sys.path
+    hf_llama, matmul_peak_flops, peak_rss_mb, spawn, timed, write_json)
 
 BENCH = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8,
              num_heads=8, num_kv_heads=4, seq_len=512, batch_size=4)
@@ -142,9 +142,7 @@ def main():
         f"median {statistics.median(pairs):.2f}, max {pairs[-1]:.2f})")
   result["note"] = ("Times are per optimizer step (forward, backward, clipping norm, AdamW); "
                     "loss computed from float32 logits without one-hot targets.")
-  os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=2)
+  write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -67,3 +67,10 @@ def spawn(script: str, *args: str) -> dict:
     if line.startswith("RESULT "):
       return json.loads(line[7:])
   raise RuntimeError(f"{script} {' '.join(args)} failed:\n{out.stderr[-3000:]}")
+
+
+def write_json(path: str, result: dict):
+  """Writes a bench's result JSON, creating its folder."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
