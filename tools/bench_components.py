@@ -13,8 +13,8 @@ shapes (Llama hidden 512, MLP 1408, 8/4 heads, seq 512, batch 4, vocab 8192, flo
 ftjax runs its own code paths (`layers.matmul`, `layers.swiglu`, `flash.flash_attention`,
 `objectives.common.token_logps`); torch runs what HF Llama runs. Each implementation runs in a
 fresh subprocess, alternating round by round; medians of the per-round medians.
-Measured (2-core CPU, 3 rounds): ftjax vs torch ms: mlp 152.6 vs 153.1, proj 49.5 vs 57.9,
-attention 60.3 vs 57.6, head_ce 332.5 vs 387.5 (a second run within 3%; README, SFT throughput).
+Measured (2-core CPU, 3 rounds): ftjax vs torch ms: mlp 148.4 vs 160.4, proj 51.8 vs 59.9,
+attention 60.2 vs 62.8, head_ce 341.3 vs 410.9 (README, SFT throughput, has a quieter run too).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ implementations alternate round by round; we report medians over rounds. Model F
 6 * N * tokens (N = parameters that take part in matmuls, i.e. without the input embedding) plus
 causal attention 6 * L * T * d per token (QK^T and AV, forward + backward, half the square), as a
 fraction of the machine's float32 matmul peak measured here with a large jnp.dot.
-Measured (2-core CPU, 5 rounds): ftjax 780 tok/s vs torch 756 (1.03x; per-round ratios
-0.99-1.07; earlier runs of the same code 1.08x, 1.04x, 1.01x).
+Measured (2-core CPU, 5 rounds): ftjax 784 tok/s vs torch 733 (1.07x; per-round ratios
+1.03-1.15; a second run 1.10x, rounds 1.02-1.26; 1.03x before the SwiGLU-backward change).
 """
 
 from __future__ import annotations
