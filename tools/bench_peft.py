@@ -12,7 +12,7 @@ implementation (torch and JAX side by side), timed block by block in rotating or
 between minutes, only interleaving at this grain keeps the ratios meaningful.
 "weights MB" is the bytes of all params (NF4 kernels included); "linear base %" is the NF4
 linear kernels' bytes over their float32 bytes.
-Measured (2-core CPU, loaded): ftjax LoRA 876 tok/s, HF PEFT LoRA 748 tok/s (1.17x); full FT 651.
+Measured (2-core CPU): ftjax LoRA 986 tok/s, HF PEFT LoRA 843 tok/s (1.17x); full FT 797.
 Memory preset (weights dominate): LoRA peak RSS 35% of full FT, QLoRA 26%.
 LoRA needs no weight gradients, so its matmul floor is ~4 * N * tokens FLOPs (vs 6 for full FT).
 """
