@@ -26,7 +26,7 @@ import statistics
 import time
 
 from bench_sft import BENCH  # tools/ is on sys.path
-from benchlib import spawn, write_json
+from benchlib import interleaved, spawn, write_json
 
 PARTS = ("mlp", "proj", "attention", "head_ce")
 
@@ -149,10 +149,8 @@ def main():
     fn = {"ftjax": run_ftjax, "torch": run_torch}[args.child]
     print("RESULT " + json.dumps(fn(args.reps)), flush=True)
     return
-  rows = {"ftjax": [], "torch": []}
-  for r in range(args.rounds):
-    for impl in (("ftjax", "torch") if r % 2 == 0 else ("torch", "ftjax")):
-      rows[impl].append(spawn(__file__, "--child", impl, "--reps", str(args.reps)))
+  rows = interleaved(["ftjax", "torch"], args.rounds,
+                     lambda i: spawn(__file__, "--child", i, "--reps", str(args.reps)))
   result = {"bench": BENCH, "rounds": args.rounds, "ms": {}, "runs": rows}
   print(f"{'part':<11}{'ftjax ms':>10}{'torch ms':>10}{'torch/ftjax':>13}")
   for part in PARTS:

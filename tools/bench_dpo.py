@@ -32,7 +32,7 @@ import statistics
 import types
 
 from benchlib import (  # tools/ is on sys.path
-    hf_llama, matmul_peak_flops, spawn, timed, write_json)
+    hf_llama, interleaved, matmul_peak_flops, spawn, timed, write_json)
 
 BENCH = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8,
              num_heads=8, num_kv_heads=4, seq_len=512, pairs=4, prompt_len=256, lora_r=16)
@@ -192,11 +192,7 @@ def main():
     return _child(args.child, args.steps)
   impls = args.impls.split(",")
   peak = _spawn("peak", 0)["flops"]
-  rows = {i: [] for i in impls}
-  for r in range(args.rounds):
-    for impl in (impls if r % 2 == 0 else impls[::-1]):
-      rows[impl].append(_spawn(impl, args.steps))
-      print(f"round {r} {impl}: {rows[impl][-1]}", flush=True)
+  rows = interleaved(impls, args.rounds, lambda i: _spawn(i, args.steps), log=True)
   result = {"bench": BENCH, "matmul_peak_flops": peak, "rounds": args.rounds, "impls": {}}
   print(f"f32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
   print(f"{'impl':<12}{'pairs/s':>9}{'step s':>9}{'first s':>9}{'peak MB':>9}{'MFU':>7}")

@@ -19,7 +19,7 @@ import statistics
 import time
 
 from benchlib import (  # tools/ is on sys.path
-    hf_llama, matmul_peak_flops, peak_rss_mb, spawn, timed, write_json)
+    hf_llama, interleaved, matmul_peak_flops, peak_rss_mb, spawn, timed, write_json)
 
 BENCH = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8,
              num_heads=8, num_kv_heads=4, seq_len=512, batch_size=4)
@@ -112,10 +112,7 @@ def main():
   if args.child:
     return _child(args.child, args.steps)
   peak = _spawn("peak", 0)["flops"]
-  rows = {"ftjax": [], "torch": []}
-  for r in range(args.rounds):
-    for impl in (("ftjax", "torch") if r % 2 == 0 else ("torch", "ftjax")):
-      rows[impl].append(_spawn(impl, args.steps))
+  rows = interleaved(["ftjax", "torch"], args.rounds, lambda i: _spawn(i, args.steps))
   flops, n = model_flops_per_step()
   tokens = BENCH["batch_size"] * BENCH["seq_len"]
   result = {"bench": BENCH, "matmul_params": n, "model_flops_per_step": flops,

@@ -69,6 +69,18 @@ def spawn(script: str, *args: str) -> dict:
   raise RuntimeError(f"{script} {' '.join(args)} failed:\n{out.stderr[-3000:]}")
 
 
+def interleaved(impls, rounds: int, run_one, log: bool = False) -> dict:
+  """{impl: [run_one(impl) per round]}, the order reversed every other round so that no
+  implementation always runs first (the machine's load drifts between minutes)."""
+  rows = {i: [] for i in impls}
+  for r in range(rounds):
+    for impl in (impls if r % 2 == 0 else impls[::-1]):
+      rows[impl].append(run_one(impl))
+      if log:
+        print(f"round {r} {impl}: {rows[impl][-1]}", flush=True)
+  return rows
+
+
 def write_json(path: str, result: dict):
   """Writes a bench's result JSON, creating its folder."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -163,7 +163,8 @@ def rope_tables(positions: jax.Array, cfg: ModelConfig, dtype) -> Tuple[jax.Arra
   # Multiplying by the identity is exact, and a matmul's output is a buffer that XLA cannot fuse
   # into its consumers: without it XLA:CPU recomputes cos/sin inside every fusion that reads the
   # rotated q/k (each attention block's slice of q, forward and backward), ~4% of an SFT step.
-  # (lax.optimization_barrier does not stop that: XLA:CPU removes barriers before fusing.)
+  # (lax.optimization_barrier does not stop that: it blocks CSE and simplification, as in
+  # `_swiglu_bwd`, but XLA:CPU removes barriers before fusing.)
   eye = jnp.eye(cos_sin.shape[-1], dtype=jnp.float32)
   cos_sin = jnp.dot(cos_sin, eye, precision=jax.lax.Precision.HIGHEST).astype(dtype)
   cos, sin = jnp.split(cos_sin[:, :, None, None, :], 2, axis=-1)

@@ -174,7 +174,6 @@ def run(config, workdir: str) -> Dict[str, Any]:
 @dataclasses.dataclass
 class _Run:
   """Everything one run's loop needs, built by `_setup`."""
-  model: Any
   model_cfg: Any
   state: Dict[str, Any]  # params (trainable), opt_state, step, rng
   frozen: Any  # params that never train (PEFT base, HFT's frozen half lives in `state`)
@@ -242,7 +241,7 @@ def _setup(config, workdir: str, mesh, rules, accum: int, tokenizer, model_cfg, 
 
   put_train, put_eval = _batch_putters(mesh, rules, accum)
   run_eval = _make_eval(config, model, tokenizer, jax.jit(eval_fn), put_eval, wrap, ref)
-  return _Run(model=model, model_cfg=model_cfg, state=state, frozen=frozen, ref=ref, it=it,
+  return _Run(model_cfg=model_cfg, state=state, frozen=frozen, ref=ref, it=it,
               ckpt=ckpt, writer=MetricWriter(workdir, resume_step=start,
                                              enabled=jax.process_index() == 0),
               jstep=jax.jit(step_fn, donate_argnums=(0,)), run_eval=run_eval,
