@@ -258,11 +258,13 @@ def test_train_step_updates_only_adapters_and_hft_groups(base):
         np.testing.assert_array_equal(moved["layers"]["self_attn"][name]["kernel"], want)
 
 
-def test_fused_lora_matmul_matches_plain_form():
-  from ftjax.peft.lora import lora_matmul  # pylint: disable=g-import-not-at-top
+@pytest.mark.parametrize("n_in,n_out", [(8, 6), (4, 8)])  # adapter stacked on output / input
+def test_fused_lora_matmul_matches_plain_form(n_in, n_out):
+  from ftjax.peft.lora import lora_matmul, stack_on_input  # pylint: disable=g-import-not-at-top
+  assert stack_on_input(n_in, n_out) == (n_in < n_out)
   r = np.random.default_rng(0)
   x, w, a, bs, dy = (jnp.asarray(r.standard_normal(s), jnp.float32)
-                     for s in ((2, 5, 8), (8, 6), (8, 3), (3, 6), (2, 5, 6)))
+                     for s in ((2, 5, n_in), (n_in, n_out), (n_in, 3), (3, n_out), (2, 5, n_out)))
   plain = lambda x, w, a, bs: x @ w + (x @ a) @ bs
   y, vjp = jax.vjp(lora_matmul, x, w, a, bs)
   y_ref, vjp_ref = jax.vjp(plain, x, w, a, bs)

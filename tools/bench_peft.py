@@ -12,6 +12,9 @@ implementation (torch and JAX side by side), timed block by block in rotating or
 between minutes, only interleaving at this grain keeps the ratios meaningful.
 "weights MB" is the bytes of all params (NF4 kernels included); "linear base %" is the NF4
 linear kernels' bytes over their float32 bytes.
+"frozen" is no method: every weight frozen and no adapter, only the norm scales train, so the
+step is the forward pass plus the input-gradient backward through every layer, without weight
+gradients. It is the ceiling of any LoRA in ftjax (LoRA = this + the adapters' own work).
 Measured (2-core CPU): ftjax LoRA 986 tok/s, HF PEFT LoRA 843 tok/s (1.17x); full FT 797.
 Memory preset (weights dominate): LoRA peak RSS 35% of full FT, QLoRA 26%.
 LoRA needs no weight gradients, so its matmul floor is ~4 * N * tokens FLOPs (vs 6 for full FT).
@@ -29,7 +32,7 @@ from benchlib import hf_llama, peak_rss_mb, spawn, write_json  # tools/ is on sy
 
 BENCH = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=8,
              num_heads=8, num_kv_heads=4, seq_len=512, batch_size=4)
-IMPLS = ("full", "lora", "dora", "qlora", "hf_peft_lora")
+IMPLS = ("full", "lora", "dora", "qlora", "frozen", "hf_peft_lora")
 RANK = 16
 if os.environ.get("BENCH_PEFT_SMOKE"):  # a seconds-long run of every code path
   BENCH.update(num_layers=2, seq_len=64, batch_size=2, vocab_size=512)
@@ -95,8 +98,8 @@ def build_ftjax(method: str):
   unroll = 1 if os.environ.get("BENCH_PEFT_PRESET") else b["num_layers"]
   cfg = ModelConfig(**{k: v for k, v in b.items() if k not in ("seq_len", "batch_size")},
                     norm_eps=1e-6, scan_unroll=unroll)
-  pc = ml_collections.ConfigDict(dict(method="none" if method == "full" else method, r=RANK,
-                                      alpha=2.0 * RANK))
+  pc = ml_collections.ConfigDict(dict(method="none" if method in ("full", "frozen") else method,
+                                      r=RANK, alpha=2.0 * RANK))
   base_cfg, cfg = cfg, peft.apply_peft(cfg, pc)
   leaf_fn = peft.tree.nf4_leaf_fn(cfg) if cfg is not base_cfg else None
   params, abstract = _leafwise_init(Decoder(base_cfg), leaf_fn)
@@ -107,7 +110,10 @@ def build_ftjax(method: str):
   linear_bytes = sum(_nbytes({k: v for k, v in d.items() if k.startswith("kernel")})
                      for _, d in peft.tree.linear_dicts(params))
   weights = _nbytes(params)
-  trainable, frozen = peft.split_trainable(params, peft.trainable_mask(params, pc))
+  mask = peft.trainable_mask(params, pc)
+  if method == "frozen":  # only the norm scales train: the backward still runs through every layer
+    mask = jax.tree_util.tree_map_with_path(lambda p, _: str(p[-1].key) == "scale", params)
+  trainable, frozen = peft.split_trainable(params, mask)
   del params
   tx, sched = make_optimizer(ml_collections.ConfigDict(
       dict(lr=1e-4, weight_decay=0.0, schedule="constant", grad_clip_norm=1.0)), 100)
@@ -228,8 +234,8 @@ def main():
     speed = _spawn(["alternate"], "--impls", ",".join(impls), "--rounds", str(args.rounds),
                    "--steps", str(args.steps))
   tokens = BENCH["batch_size"] * BENCH["seq_len"]
-  result = {"bench": BENCH, "preset": args.preset, "rank": RANK, "rounds": args.rounds, "steps": args.steps,
-            "load_avg": os.getloadavg(), "impls": {}}
+  result = {"bench": BENCH, "preset": args.preset, "rank": RANK, "rounds": args.rounds,
+            "steps": args.steps, "load_avg": os.getloadavg(), "impls": {}}
   print(f"{'impl':<14}{'tokens/s':>10}{'step s':>9}{'compile s':>11}{'peak MB':>9}"
         f"{'weights MB':>12}{'trainable':>12}{'linear base %':>15}")
   for impl in impls:

@@ -103,25 +103,47 @@ def _base(module, spec, in_f, out_f, dtype, tied_kernel=None):
   return (lambda v: layers.matmul(v, kernel)), (lambda: kernel), bias
 
 
+def stack_on_input(in_f: int, out_f: int) -> bool:
+  """Which side `lora_matmul`'s forward stacks the adapter on, for a [in_f, out_f] base: the one
+  that moves fewer [tokens, dim] activations through memory (a rank-r matmul is memory-bound, so
+  each pass over an activation costs about as much as one).
+
+    output side  z = x @ [W | A], y = z[:, :out] + xa @ B: writes xa @ B and re-reads it with z in
+                 the add, ~4 passes over [tokens, out];
+    input side   xa = x @ A, y = [x | xa] @ [W ; B]: one read of x for xa and one copy of x into
+                 the concatenation, ~3 passes over [tokens, in].
+
+  So gate/up_proj and q/o_proj stack on the input, down/k/v_proj on the output. Measured on the
+  bench model (2-core CPU, same-process A/B): the LoRA step 6-8% faster than stacking every
+  adapter on the output. (A split backward, dy @ W^T + u @ A^T, for in < out measured slower
+  than the stacked one and is not used.)
+  """
+  return 3 * in_f < 4 * out_f
+
+
 @jax.custom_vjp
 def lora_matmul(x, w, a, bs):
-  """x @ w + (x @ a) @ bs with one pass of x through the stacked [w | a] each way.
+  """x @ w + (x @ a) @ bs with the rank-r products stacked next to the base matmul.
 
   x [..., in], w [in, out] (frozen base), a [in, r], bs [r, out] (B already scaled). Why: the
-  plain form reads every activation twice forward (x @ w, x @ a) and runs two input-gradient
-  matmuls plus an add backward; stacking a next to w makes each one matmul (the [in, out + r]
-  copy of w is small next to the activations). The weight gradient of w is written out but is
-  dead code, removed by XLA, whenever w is frozen (LoRA's case).
+  plain form spends separate passes over activations on the rank-r products and the adds, each
+  costing about one pass of memory traffic; stacking the factors onto the base matmuls (the
+  forward's side picked by `stack_on_input`) folds most of them into those. The weight gradient
+  of w is written out but is dead code, removed by XLA, whenever w is frozen (LoRA's case).
   """
   return _lora_fwd(x, w, a, bs)[0]
 
 
 def _lora_fwd(x, w, a, bs):
-  out = w.shape[-1]
-  x2 = x.reshape(-1, x.shape[-1])
-  z = jnp.dot(x2, jnp.concatenate([w, a], axis=1))
-  xa = z[:, out:]
-  y = z[:, :out] + jnp.dot(xa, bs)
+  in_f, out = w.shape
+  x2 = x.reshape(-1, in_f)
+  if stack_on_input(in_f, out):
+    xa = jnp.dot(x2, a)
+    y = jnp.dot(jnp.concatenate([x2, xa], axis=1), jnp.concatenate([w, bs], axis=0))
+  else:
+    z = jnp.dot(x2, jnp.concatenate([w, a], axis=1))
+    xa = z[:, out:]
+    y = z[:, :out] + jnp.dot(xa, bs)
   return y.reshape(x.shape[:-1] + (out,)), (x, w, a, bs, xa)
 
 
@@ -130,6 +152,7 @@ def _lora_bwd(res, dy):
   x2 = x.reshape(-1, x.shape[-1])
   dy2 = dy.reshape(-1, dy.shape[-1])
   u = jnp.dot(dy2, bs.T)  # [tokens, r]: gradient of x @ a
+  # One matmul for both input gradients (dy @ W^T + u @ A^T): the [tokens, r] u rides next to dy.
   dx = jnp.dot(jnp.concatenate([dy2, u], axis=1), jnp.concatenate([w, a], axis=1).T)
   return (dx.reshape(x.shape).astype(x.dtype), jnp.dot(x2.T, dy2).astype(w.dtype),
           jnp.dot(x2.T, u).astype(a.dtype), jnp.dot(xa.T, dy2).astype(bs.dtype))
