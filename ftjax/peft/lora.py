@@ -91,16 +91,18 @@ def _nf4_dot(x, leaves, block, dtype):
 
 def _base(module, spec, in_f, out_f, dtype, tied_kernel=None):
   """(matmul(x) -> x @ W, kernel() -> W, bias) for a plain, an NF4 or a tied base kernel."""
+  head = tuple(module.scope.path) == HEAD
+  mm = layers.head_matmul if head else layers.matmul
   if tied_kernel is not None:
     tied = tied_kernel.astype(dtype)
-    return (lambda v: layers.matmul(v, tied)), (lambda: tied), None
-  if spec is not None and spec.quantize == "nf4" and tuple(module.scope.path) != HEAD:
+    return (lambda v: mm(v, tied)), (lambda: tied), None
+  if spec is not None and spec.quantize == "nf4" and not head:
     leaves, bias = _nf4_base(module, spec, in_f, out_f)
     return (lambda v: _nf4_dot(v, leaves, spec.block_size, dtype),
             lambda: nf4.dequantize(leaves, spec.block_size, dtype), bias)
   kernel, bias = module.base_params(in_f)
   kernel = kernel.astype(dtype)
-  return (lambda v: layers.matmul(v, kernel)), (lambda: kernel), bias
+  return (lambda v: mm(v, kernel)), (lambda: kernel), bias
 
 
 def stack_on_input(in_f: int, out_f: int) -> bool:
