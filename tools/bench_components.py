@@ -10,11 +10,12 @@ shapes (Llama hidden 512, MLP 1408, 8/4 heads, seq 512, batch 4, vocab 8192, flo
   attention  causal GQA attention core of one layer (ftjax flash vs torch SDPA + repeat_kv)
   head_ce    LM head + float32 cross-entropy (weight gradient included)
 
-ftjax runs its own code paths (`layers.matmul`, `layers.swiglu`, `flash.flash_attention`,
-`objectives.common.token_logps`); torch runs what HF Llama runs. Each implementation runs in a
-fresh subprocess, alternating round by round; medians of the per-round medians.
-Measured (2-core CPU, 3 rounds): ftjax vs torch ms: mlp 148.4 vs 160.4, proj 51.8 vs 59.9,
-attention 60.2 vs 62.8, head_ce 341.3 vs 410.9 (README, SFT throughput, has a quieter run too).
+ftjax runs its own code paths (`layers.matmul` / `head_matmul`, `layers.swiglu`,
+`flash.flash_attention`, `objectives.common.token_logps`); torch runs what HF Llama runs. Each
+implementation runs in a fresh subprocess, alternating round by round; medians of the per-round
+medians.
+Measured (2-core Zen 3 CPU, 5 rounds): ftjax vs torch ms: mlp 195.7 vs 191.5, proj 63.9 vs 65.9,
+attention 77.4 vs 71.6, head_ce 449.2 vs 512.9 (README, SFT throughput, has older runs too).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def run_ftjax(reps: int) -> dict:
     return jnp.sum(flash.flash_attention(q, k, vv, None, h ** -0.5) * do)
 
   def head_ce(x, wh):
-    logps = token_logps(layers.matmul(x, wh).astype(jnp.float32), tgt)
+    logps = token_logps(layers.head_matmul(x, wh).astype(jnp.float32), tgt)
     logps = logps[0] if isinstance(logps, tuple) else logps
     return -jnp.mean(logps)
 

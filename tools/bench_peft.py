@@ -15,7 +15,8 @@ linear kernels' bytes over their float32 bytes.
 "frozen" is no method: every weight frozen and no adapter, only the norm scales train, so the
 step is the forward pass plus the input-gradient backward through every layer, without weight
 gradients. It is the ceiling of any LoRA in ftjax (LoRA = this + the adapters' own work).
-Measured (2-core CPU): ftjax LoRA 986 tok/s, HF PEFT LoRA 843 tok/s (1.17x); full FT 797.
+Measured (2-core Zen 3 CPU): ftjax LoRA 747 tok/s, HF PEFT LoRA 634 (1.18x), frozen 757, full FT
+597; the previous machine: LoRA 986 vs PEFT 843 (1.17x). Between runs PEFT moved 634-797 tok/s.
 Memory preset (weights dominate): LoRA peak RSS 35% of full FT, QLoRA 26%.
 LoRA needs no weight gradients, so its matmul floor is ~4 * N * tokens FLOPs (vs 6 for full FT).
 """
@@ -251,7 +252,14 @@ def main():
   got = result["impls"]
   if "lora" in got and "hf_peft_lora" in got:
     result["lora_vs_hf_peft"] = got["lora"]["tokens_per_s"] / got["hf_peft_lora"]["tokens_per_s"]
-    print(f"ftjax LoRA / HF PEFT LoRA tokens/s: {result['lora_vs_hf_peft']:.2f}x (goal >= 1.5x)")
+    # Per round: the two impls' median step times of that round (blocks minutes apart at most).
+    per = lambda impl: [statistics.median(got[impl]["step_times"][r * args.steps:
+                                                                  (r + 1) * args.steps])
+                        for r in range(len(got[impl]["step_times"]) // args.steps)]
+    result["lora_vs_hf_peft_rounds"] = [p / l for l, p in zip(per("lora"), per("hf_peft_lora"))]
+    rounds = ", ".join(f"{x:.2f}" for x in result["lora_vs_hf_peft_rounds"])
+    print(f"ftjax LoRA / HF PEFT LoRA tokens/s: {result['lora_vs_hf_peft']:.2f}x (goal >= 1.5x; "
+          f"per round: {rounds})")
   if "lora" in got and "full" in got:
     result["lora_vs_full_peak_mem"] = got["lora"]["peak_rss_mb"] / got["full"]["peak_rss_mb"]
     print(f"ftjax LoRA / full FT peak RSS: {result['lora_vs_full_peak_mem']:.0%}")
