@@ -211,8 +211,11 @@ def adapt_linear(module, x: jax.Array, in_f: int, out_f: int, dtype,
   s = scaling(spec, rank, alpha)
   xd = _dropout(module, x, spec.dropout)
   plain = tied_kernel is None and spec.quantize is None
-  if m is None and xd is x and plain:  # the common LoRA case: one fused matmul each way
-    return add_bias(lora_matmul(x, kernel(), a.astype(dtype), (b * s).astype(dtype)))
+  if xd is x and plain:  # the common case: one fused matmul each way
+    y = lora_matmul(x, kernel(), a.astype(dtype), (b * s).astype(dtype))
+    if m is not None:  # DoRA: m / ||W + s*A@B|| rescales base + LoRA together (as `_dora`)
+      y = _magnitude_scale(kernel(), a, b, m, s, dtype) * y
+    return add_bias(y)
   # Scale the [r, out] factor, not the [tokens, out] product: one less pass over activations.
   lora = layers.matmul(layers.matmul(xd, a.astype(dtype)), (b * s).astype(dtype))
   base = matmul(x)
