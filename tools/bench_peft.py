@@ -111,9 +111,10 @@ def build_ftjax(method: str):
   linear_bytes = sum(_nbytes({k: v for k, v in d.items() if k.startswith("kernel")})
                      for _, d in peft.tree.linear_dicts(params))
   weights = _nbytes(params)
-  mask = peft.trainable_mask(params, pc)
   if method == "frozen":  # only the norm scales train: the backward still runs through every layer
     mask = jax.tree_util.tree_map_with_path(lambda p, _: str(p[-1].key) == "scale", params)
+  else:
+    mask = peft.trainable_mask(params, pc)
   trainable, frozen = peft.split_trainable(params, mask)
   del params
   tx, sched = make_optimizer(ml_collections.ConfigDict(
