@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ftjax.models import flash_cpu
 from ftjax.models.config import ModelConfig
 from ftjax.models.flash import flash_attention, visible
 from ftjax.models.layers import Linear, Norm, apply_rope, constrain
@@ -52,22 +53,34 @@ def attend(q, k, v, segment_ids, scale: float, softcap: Optional[float], impl: O
            window: Optional[int] = None, use_window=None):
   """Causal self-attention over packed segments; q [B,T,N,H], k/v [B,T,K,H] -> [B,T,N,H].
 
-  impl: None = auto (jax.nn.dot_product_attention on GPU, which picks cuDNN when it can; the
-  blockwise `flash` path on CPU, where it was measured fastest; the explicit path on TPU, where
-  it has not been measured yet), 'flash' = ftjax.models.flash (causal blocks, hand-written
-  backward), 'xla' = one explicit masked softmax, 'cudnn' / 'jax' = jax.nn's kernels. Logit
-  soft-capping (Gemma 2) always takes the explicit path.
+  impl: None = auto (jax.nn.dot_product_attention on GPU, which picks cuDNN when it can; on CPU
+  the native kernel when it applies, else the blockwise `flash` path; the explicit path on TPU,
+  where it has not been measured yet), 'native' = ftjax.models.flash_cpu (AVX2 C++ kernel through
+  the XLA FFI: float32, one CPU device, head dim % 16 == 0), 'flash' = ftjax.models.flash (causal
+  blocks in XLA, hand-written backward), 'xla' = one explicit masked softmax, 'cudnn' / 'jax' =
+  jax.nn's kernels. Logit soft-capping (Gemma 2) always takes the explicit path.
   """
   if impl is None:
-    impl = {"gpu": "jax", "cpu": "flash"}.get(jax.default_backend(), "xla")
-  if impl not in ("flash", "xla", "cudnn", "jax"):
-    raise ValueError(f"model.attention_impl: unknown {impl!r} (None | flash | xla | cudnn | jax)")
+    impl = {"gpu": "jax", "cpu": "cpu_auto"}.get(jax.default_backend(), "xla")
+  if impl not in ("flash", "xla", "cudnn", "jax", "native", "cpu_auto"):
+    raise ValueError(
+        f"model.attention_impl: unknown {impl!r} (None | native | flash | xla | cudnn | jax)")
+  if impl in ("native", "cpu_auto") and softcap is None:
+    if flash_cpu.supports(q, k, v):
+      return flash_cpu.flash_attention_native(q, k, v, segment_ids, scale, window, use_window)
+    if impl == "native":
+      raise ValueError(
+          "model.attention_impl='native' needs float32 q/k/v on a single CPU device with head dim "
+          f"% 16 == 0 and the kernel built (here: dtype {q.dtype}, head dim {q.shape[-1]}, "
+          f"{jax.device_count()} {jax.default_backend()} device(s); kernel: "
+          f"{flash_cpu.unavailable_reason() or 'ok'})")
+    impl = "flash"
   if impl == "flash" and softcap is None:
     return flash_attention(q, k, v, segment_ids, scale, window, use_window)
   if segment_ids is None:
     segment_ids = jnp.ones(q.shape[:2], jnp.int32)
   mask = attention_mask(segment_ids, window, use_window)
-  if impl in ("xla", "flash") or softcap is not None:
+  if impl in ("xla", "flash", "native", "cpu_auto") or softcap is not None:
     return _attend_explicit(q, k, v, mask, scale, softcap)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                       implementation="cudnn" if impl == "cudnn" else None)
