@@ -154,6 +154,8 @@ _native.defvjp(_native_fwd, _native_bwd)
 
 def flash_attention_native(q, k, v, segment_ids, scale: float, window: Optional[int] = None,
                            use_window=None):
-  """Same contract as `flash.flash_attention` (q [B,T,N,H], k/v [B,T,K,H]); call `supports` first."""
+  """Same contract as `flash.flash_attention` (q [B,T,N,H], k/v [B,T,K,H]); `supports` says when."""
+  if not available():  # also what registers the FFI targets
+    raise RuntimeError(f"native CPU attention unavailable: {unavailable_reason()}")
   seg, flag = _extras(segment_ids, use_window, q.shape[0])
   return _native(q, k, v, seg, flag, float(scale), int(window or 0), segment_ids is not None)

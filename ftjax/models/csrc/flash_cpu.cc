@@ -388,7 +388,7 @@ void ParallelFor(ffi::ThreadPool* pool, int64_t n, Fn fn) {
   };
   auto st = std::make_shared<State>();
   auto work = [st, n, fn]() {
-    Scratch scratch;
+    thread_local Scratch scratch;  // grows once per thread; no page faults on later calls
     for (int64_t i; (i = st->next.fetch_add(1)) < n;) {
       fn(i, scratch);
       if (st->done.fetch_add(1) + 1 == n) {
