@@ -7,11 +7,12 @@ shapes (Llama hidden 512, MLP 1408, 8/4 heads, seq 512, batch 4, vocab 8192, flo
 
   mlp        SwiGLU MLP of one layer (gate/up/down, weight gradients included)
   proj       q/k/v/o projections of one layer (weight gradients included)
-  attention  causal GQA attention core of one layer (ftjax flash vs torch SDPA + repeat_kv)
+  attention  causal GQA attention core of one layer (ftjax's default on CPU, the native kernel of
+             models/flash_cpu.py, vs torch SDPA + repeat_kv)
   head_ce    LM head + float32 cross-entropy (weight gradient included)
 
 ftjax runs its own code paths (`layers.matmul` / `head_matmul`, `layers.swiglu`,
-`flash.flash_attention`, `objectives.common.token_logps`); torch runs what HF Llama runs. Each
+`attention.attend`, `objectives.common.token_logps`); torch runs what HF Llama runs. Each
 implementation runs in a fresh subprocess, alternating round by round; medians of the per-round
 medians.
 Measured (2-core Zen 3 CPU, 5 rounds): ftjax vs torch ms: mlp 195.7 vs 191.5, proj 63.9 vs 65.9,
@@ -46,7 +47,7 @@ def _median_ms(fn, reps: int) -> float:
 def run_ftjax(reps: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ftjax.models import flash, layers  # pylint: disable=g-import-not-at-top
+  from ftjax.models import attention as attn, layers  # pylint: disable=g-import-not-at-top
   from ftjax.objectives.common import token_logps  # pylint: disable=g-import-not-at-top
   b = BENCH
   bsz, t, d, f, v = b["batch_size"], b["seq_len"], b["hidden_size"], b["intermediate_size"], \
@@ -68,8 +69,8 @@ def run_ftjax(reps: int) -> dict:
 
   do = rnd(bsz, t, n, h)
 
-  def attention(q, k, vv):
-    return jnp.sum(flash.flash_attention(q, k, vv, None, h ** -0.5) * do)
+  def attention(q, k, vv):  # what the model runs by default: the native kernel when it applies
+    return jnp.sum(attn.attend(q, k, vv, None, h ** -0.5, None, None) * do)
 
   def head_ce(x, wh):
     logps = token_logps(layers.head_matmul(x, wh).astype(jnp.float32), tgt)

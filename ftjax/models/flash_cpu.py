@@ -7,7 +7,8 @@ the CPU features or the shapes don't allow it, `available()` / `supports()` say 
 use the blockwise XLA path (`ftjax.models.flash`), which computes the same function.
 
   FTJAX_NATIVE_ATTENTION=0   never use the kernel (pure XLA everywhere)
-  FTJAX_CACHE_DIR            where the built library goes (default ~/.cache/ftjax)
+  FTJAX_CACHE_DIR            where the built library goes (default ~/.cache/ftjax, else
+                             $TMPDIR/ftjax-cache)
 """
 
 from __future__ import annotations
@@ -50,7 +51,11 @@ def _build() -> str:
                        + " ".join(_FLAGS).encode()).hexdigest()[:16]
   cache = os.environ.get("FTJAX_CACHE_DIR") or os.path.join(
       os.path.expanduser("~"), ".cache", "ftjax")
-  os.makedirs(cache, exist_ok=True)
+  try:
+    os.makedirs(cache, exist_ok=True)
+  except OSError:  # read-only home: build next to other temporary files
+    cache = os.path.join(tempfile.gettempdir(), "ftjax-cache")
+    os.makedirs(cache, exist_ok=True)
   path = os.path.join(cache, f"flash_cpu-{key}.so")
   if os.path.exists(path):
     return path
@@ -102,7 +107,7 @@ def supports(q, k, v) -> bool:
 
 
 def _tile(g: int) -> int:
-  return max(1, 96 // g)  # ~96 score rows per tile: [rows, 512 keys] f32 stays in L2
+  return max(1, 64 // g)  # ~64 score rows per tile: [rows, keys] f32 stays in L2
 
 
 def _extras(segment_ids, use_window, b):

@@ -30,6 +30,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -81,33 +82,74 @@ inline void Micro(int64_t kc, const float* a, int64_t ars, int64_t acs, const fl
 }
 #undef FTJAX_ROWS
 
+// Which parts of a product the causal mask lets us skip (all bounds exact: the skipped entries
+// are masked scores, or products with probabilities that are exactly 0).
+struct NoTrim {
+  int64_t RowStart(int64_t) const { return 0; }                    // first row of column panel p
+  int64_t KEnd(int64_t, int64_t, int64_t kc) const { return kc; }  // contraction end, rows [i, i+mr)
+  int64_t KStart(int64_t) const { return 0; }                      // contraction start, panel p
+};
+
+// A query tile: rows r = (t - t0) * g + group, keys from k0 (16-aligned).
+struct Tile {
+  int64_t t0, k0, g, m;
+  int64_t FirstRowSeeing(int64_t key) const {  // rows whose query t >= key
+    return std::min(m, std::max<int64_t>(0, (key - t0) * g));
+  }
+};
+
+struct ScoreTrim : NoTrim {  // S, dP [rows x keys]: a key panel only for rows that can see it
+  Tile tile;
+  int64_t RowStart(int64_t p) const { return tile.FirstRowSeeing(tile.k0 + p * 16); }
+};
+
+struct KeyReduceTrim : NoTrim {  // O = P V, dQ = dS K: contract only over keys <= the rows' query
+  Tile tile;
+  int64_t KEnd(int64_t i, int64_t mr, int64_t kc) const {
+    return std::min(kc, tile.t0 + (i + mr - 1) / tile.g - tile.k0 + 1);
+  }
+};
+
+struct RowReduceTrim : NoTrim {  // dK^T, dV^T [H x keys]: contract only over rows seeing the panel
+  Tile tile;
+  int64_t KStart(int64_t p) const { return tile.FirstRowSeeing(tile.k0 + p * 16); }
+};
+
 // C[M x N] (+)= A[M x K] B. B is N / 16 column panels: panel p starts at bp + p * bps and its
 // row k at + k * ldb (packed panels: ldb = 16, bps = K * 16; a row-major matrix: ldb = ld, bps = 16).
+template <typename Trim = NoTrim>
 void Gemm(int64_t m, int64_t n, int64_t kc, const float* a, int64_t ars, int64_t acs,
-          const float* bp, int64_t ldb, int64_t bps, float* c, int64_t ldc, bool accumulate) {
+          const float* bp, int64_t ldb, int64_t bps, float* c, int64_t ldc, bool accumulate,
+          const Trim& trim = Trim()) {
   for (int64_t p = 0; p < n / kNr; ++p) {  // panel-outer: the [K x 16] panel stays in L1
-    const float* b = bp + p * bps;
+    const int64_t ks = trim.KStart(p);
+    const float* b = bp + p * bps + ks * ldb;
     float* cp = c + p * kNr;
-    int64_t i = 0;
-    for (; i + kMr <= m; i += kMr)
-      Micro<kMr>(kc, a + i * ars, ars, acs, b, ldb, cp + i * ldc, ldc, accumulate);
-    const float* ai = a + i * ars;
-    float* ci = cp + i * ldc;
+    int64_t i = trim.RowStart(p);
+    auto run = [&](auto mr_tag, int64_t i) {
+      constexpr int kMrNow = decltype(mr_tag)::value;
+      const int64_t ke = trim.KEnd(i, kMrNow, kc);
+      Micro<kMrNow>(std::max<int64_t>(0, ke - ks), a + i * ars + ks * acs, ars, acs, b, ldb,
+                    cp + i * ldc, ldc, accumulate);
+    };
+    for (; i + kMr <= m; i += kMr) run(std::integral_constant<int, kMr>(), i);
     switch (m - i) {
-      case 5: Micro<5>(kc, ai, ars, acs, b, ldb, ci, ldc, accumulate); break;
-      case 4: Micro<4>(kc, ai, ars, acs, b, ldb, ci, ldc, accumulate); break;
-      case 3: Micro<3>(kc, ai, ars, acs, b, ldb, ci, ldc, accumulate); break;
-      case 2: Micro<2>(kc, ai, ars, acs, b, ldb, ci, ldc, accumulate); break;
-      case 1: Micro<1>(kc, ai, ars, acs, b, ldb, ci, ldc, accumulate); break;
+      case 5: run(std::integral_constant<int, 5>(), i); break;
+      case 4: run(std::integral_constant<int, 4>(), i); break;
+      case 3: run(std::integral_constant<int, 3>(), i); break;
+      case 2: run(std::integral_constant<int, 2>(), i); break;
+      case 1: run(std::integral_constant<int, 1>(), i); break;
       default: break;
     }
   }
 }
 
 // Packed-panel B (the common case).
+template <typename Trim = NoTrim>
 inline void GemmP(int64_t m, int64_t n, int64_t kc, const float* a, int64_t ars, int64_t acs,
-                  const float* bp, int64_t panel_rows, float* c, int64_t ldc, bool accumulate) {
-  Gemm(m, n, kc, a, ars, acs, bp, kNr, panel_rows * kNr, c, ldc, accumulate);
+                  const float* bp, int64_t panel_rows, float* c, int64_t ldc, bool accumulate,
+                  const Trim& trim = Trim()) {
+  Gemm(m, n, kc, a, ars, acs, bp, kNr, panel_rows * kNr, c, ldc, accumulate, trim);
 }
 
 // Panels of src^T: rows j of src (n of them, stride ld, h wide) become columns.
@@ -287,13 +329,14 @@ void ForwardTask(const Problem& P, const float* q, const float* k, const float* 
     const int64_t kn = t1 - k0, kn_pad = RoundUp(kn, kNr), ls = kn_pad + 8;
     GatherRows(P, q, bi, ki, t0, t1, P.scale, qt);
     // S = (scale Q) K^T over keys [k0, k0 + kn_pad): K^T panels from k0 / 16 on.
-    GemmP(m, kn_pad, h, qt, h, 1, kt + (k0 / kNr) * h * kNr, h, s, ls, false);
+    const Tile tile{t0, k0, g, m};
+    GemmP(m, kn_pad, h, qt, h, 1, kt + (k0 / kNr) * h * kNr, h, s, ls, false, ScoreTrim{{}, tile});
     for (int64_t r = 0; r < m; ++r) {
       const int64_t t = t0 + r / g;
       SoftmaxRow(P, seg_b, t, k0, kn, kn_pad, s + r * ls, nullptr, lse_b + t0 * g + r);
     }
     // O = P V: V's row panels hold all t_pad rows; start at row k0.
-    GemmP(m, h, kn_pad, s, ls, 1, vp + k0 * kNr, t_pad, ot, h, false);
+    GemmP(m, h, kn_pad, s, ls, 1, vp + k0 * kNr, t_pad, ot, h, false, KeyReduceTrim{{}, tile});
     ScatterRows(P, ot, bi, ki, t0, t1, 1.f, o);
   }
 }
@@ -344,27 +387,32 @@ void BackwardTask(const Problem& P, const float* q, const float* k, const float*
       _mm256_store_ps(tmp, acc);
       di[r] = tmp[0] + tmp[1] + tmp[2] + tmp[3] + tmp[4] + tmp[5] + tmp[6] + tmp[7];
     }
-    GemmP(m, kn_pad, h, qt, h, 1, kt + (k0 / kNr) * h * kNr, h, s, ls, false);
+    const Tile tile{t0, k0, g, m};
+    GemmP(m, kn_pad, h, qt, h, 1, kt + (k0 / kNr) * h * kNr, h, s, ls, false, ScoreTrim{{}, tile});
     for (int64_t r = 0; r < m; ++r) {
       const int64_t t = t0 + r / g;
       SoftmaxRow(P, seg_b, t, k0, kn, kn_pad, s + r * ls, lse_b + t0 * g + r, nullptr);
     }
-    GemmP(m, kn_pad, h, dot, h, 1, vt + (k0 / kNr) * h * kNr, h, dp, ls, false);
+    GemmP(m, kn_pad, h, dot, h, 1, vt + (k0 / kNr) * h * kNr, h, dp, ls, false,
+          ScoreTrim{{}, tile});
     for (int64_t r = 0; r < m; ++r) {  // dS = P * (dP - D), in place of dP
       const __m256 d = _mm256_set1_ps(di[r]);
       float* dpr = dp + r * ls;
       const float* pr = s + r * ls;
-      for (int64_t j = 0; j < kn_pad; j += 8)
+      // dP exists only on the key panels this row sees (ScoreTrim); the rest of dS is 0.
+      const int64_t seen = std::min(kn_pad, RoundUp(t0 + r / g - k0 + 1, kNr));
+      for (int64_t j = 0; j < seen; j += 8)
         _mm256_storeu_ps(dpr + j, _mm256_mul_ps(_mm256_loadu_ps(pr + j),
                                                 _mm256_sub_ps(_mm256_loadu_ps(dpr + j), d)));
+      for (int64_t j = seen; j < kn_pad; j += 8) _mm256_storeu_ps(dpr + j, _mm256_setzero_ps());
     }
     // dQ = dS K (times scale, since S = (scale q) k).
-    GemmP(m, h, kn_pad, dp, ls, 1, kp + k0 * kNr, t_pad, dqt, h, false);
+    GemmP(m, h, kn_pad, dp, ls, 1, kp + k0 * kNr, t_pad, dqt, h, false, KeyReduceTrim{{}, tile});
     ScatterRows(P, dqt, bi, ki, t0, t1, P.scale, dq);
     // Transposed, so the long key axis is the output's columns and the small tile is read as A:
     // dK^T[:, k0:] += (scale Q)^T dS;  dV^T[:, k0:] += dO^T P.  A(i, k) = tile[k][i].
-    Gemm(h, kn_pad, m, qt, 1, h, dp, ls, kNr, dk_acc + k0, t_pad, true);
-    Gemm(h, kn_pad, m, dot, 1, h, s, ls, kNr, dv_acc + k0, t_pad, true);
+    Gemm(h, kn_pad, m, qt, 1, h, dp, ls, kNr, dk_acc + k0, t_pad, true, RowReduceTrim{{}, tile});
+    Gemm(h, kn_pad, m, dot, 1, h, s, ls, kNr, dv_acc + k0, t_pad, true, RowReduceTrim{{}, tile});
   }
   float* dkb = dk + (bi * P.t * P.kv + ki) * h;
   float* dvb = dv + (bi * P.t * P.kv + ki) * h;
@@ -413,7 +461,7 @@ Problem MakeProblem(ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd, fl
   P.seg = nullptr;
   P.window = window;
   P.use_window = false;
-  P.tq = tq > 0 ? tq : std::max<int64_t>(1, 96 / P.g);
+  P.tq = tq > 0 ? tq : std::max<int64_t>(1, 64 / P.g);
   return P;
 }
 
