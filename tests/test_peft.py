@@ -271,3 +271,19 @@ def test_fused_lora_matmul_matches_plain_form(n_in, n_out):
   np.testing.assert_allclose(y, y_ref, atol=1e-5)
   for g, g_ref in zip(vjp(dy), vjp_ref(dy)):
     np.testing.assert_allclose(g, g_ref, atol=1e-4)
+
+
+def test_rank_down_and_skinny_weight_grad_match_autodiff():
+  """The unfused paths' x @ A (dropout, QLoRA) takes A's gradient as (g^T x)^T on CPU."""
+  from ftjax.models.layers import skinny_weight_grad  # pylint: disable=g-import-not-at-top
+  from ftjax.peft.lora import rank_down  # pylint: disable=g-import-not-at-top
+  r = np.random.default_rng(1)
+  x, a, g = (jnp.asarray(r.standard_normal(s), jnp.float32)
+             for s in ((2, 7, 12), (12, 4), (2, 7, 4)))
+  np.testing.assert_allclose(jax.jit(skinny_weight_grad)(x.reshape(14, 12), g.reshape(14, 4)),
+                             x.reshape(14, 12).T @ g.reshape(14, 4), atol=1e-5)
+  y, vjp = jax.vjp(jax.jit(rank_down), x, a)
+  y_ref, vjp_ref = jax.vjp(lambda x, a: x @ a, x, a)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+  for got, want in zip(vjp(g), vjp_ref(g)):
+    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -157,10 +157,31 @@ def _lora_bwd(res, dy):
   # One matmul for both input gradients (dy @ W^T + u @ A^T): the [tokens, r] u rides next to dy.
   dx = jnp.dot(jnp.concatenate([dy2, u], axis=1), jnp.concatenate([w, a], axis=1).T)
   return (dx.reshape(x.shape).astype(x.dtype), jnp.dot(x2.T, dy2).astype(w.dtype),
-          jnp.dot(x2.T, u).astype(a.dtype), jnp.dot(xa.T, dy2).astype(bs.dtype))
+          layers.skinny_weight_grad(x2, u).astype(a.dtype), jnp.dot(xa.T, dy2).astype(bs.dtype))
 
 
 lora_matmul.defvjp(_lora_fwd, _lora_bwd)
+
+
+@jax.custom_vjp
+def rank_down(x, a):
+  """x @ a for the down factor a [in, r] of the unfused paths (dropout, QLoRA): its weight
+  gradient goes through `layers.skinny_weight_grad` (3-4x faster on CPU than autodiff's form)."""
+  return layers.matmul(x, a)
+
+
+def _rank_down_fwd(x, a):
+  return layers.matmul(x, a), (x, a)
+
+
+def _rank_down_bwd(res, g):
+  x, a = res
+  x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  return (layers.matmul(g, a.T).astype(x.dtype),
+          layers.skinny_weight_grad(x2, g2).astype(a.dtype))
+
+
+rank_down.defvjp(_rank_down_fwd, _rank_down_bwd)
 
 
 def _dropout(module, x, rate):
@@ -217,7 +238,7 @@ def adapt_linear(module, x: jax.Array, in_f: int, out_f: int, dtype,
       y = _magnitude_scale(kernel(), a, b, m, s, dtype) * y
     return add_bias(y)
   # Scale the [r, out] factor, not the [tokens, out] product: one less pass over activations.
-  lora = layers.matmul(layers.matmul(xd, a.astype(dtype)), (b * s).astype(dtype))
+  lora = layers.matmul(rank_down(xd, a.astype(dtype)), (b * s).astype(dtype))
   base = matmul(x)
   if m is None:
     return add_bias(base + lora)
