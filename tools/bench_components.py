@@ -15,8 +15,9 @@ ftjax runs its own code paths (`layers.matmul` / `head_matmul`, `layers.swiglu`,
 `attention.attend`, `objectives.common.token_logps`); torch runs what HF Llama runs. Each
 implementation runs in a fresh subprocess, alternating round by round; medians of the per-round
 medians.
-Measured (2-core Zen 3 CPU, 5 rounds): ftjax vs torch ms: mlp 195.7 vs 191.5, proj 63.9 vs 65.9,
-attention 77.4 vs 71.6, head_ce 449.2 vs 512.9 (README, SFT throughput, has older runs too).
+Measured (2-core Zen 3 CPU, 5 rounds): ftjax vs torch ms: mlp 191.7 vs 186.3, proj 62.3 vs 63.8,
+attention 33.2 vs 74.6 (native kernel; the XLA flash path measured 77.4 vs 71.6), head_ce 430.1
+vs 482.5 (README, SFT throughput, has older runs too).
 """
 
 from __future__ import annotations

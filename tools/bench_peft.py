@@ -15,8 +15,9 @@ linear kernels' bytes over their float32 bytes.
 "frozen" is no method: every weight frozen and no adapter, only the norm scales train, so the
 step is the forward pass plus the input-gradient backward through every layer, without weight
 gradients. It is the ceiling of any LoRA in ftjax (LoRA = this + the adapters' own work).
-Measured (2-core Zen 3 CPU): ftjax LoRA 747 tok/s, HF PEFT LoRA 634 (1.18x), frozen 757, full FT
-597; the previous machine: LoRA 986 vs PEFT 843 (1.17x). Between runs PEFT moved 634-797 tok/s.
+Measured (2-core Zen 3 CPU, native attention kernel): ftjax LoRA 872 tok/s, HF PEFT LoRA 823
+(1.06x), frozen 1028 (1.25x PEFT: the ceiling of any LoRA here), full FT 629. Between runs PEFT
+moved 634-823 tok/s; LoRA / PEFT read 0.93-1.18x over two sessions.
 Memory preset (weights dominate): LoRA peak RSS 35% of full FT, QLoRA 26%.
 LoRA needs no weight gradients, so its matmul floor is ~4 * N * tokens FLOPs (vs 6 for full FT).
 """

@@ -7,9 +7,9 @@ implementations alternate round by round; we report medians over rounds. Model F
 6 * N * tokens (N = parameters that take part in matmuls, i.e. without the input embedding) plus
 causal attention 6 * L * T * d per token (QK^T and AV, forward + backward, half the square), as a
 fraction of the machine's float32 matmul peak measured here with a large jnp.dot.
-Measured (2-core Zen 3 CPU, matmul peak ~151 GFLOP/s, 5 rounds): ftjax 594 tok/s vs torch 568
-(1.05x; per-round ratios 0.89-1.16, median 1.10). Previous machine (peak 182): 784 vs 733 (1.07x;
-a second run 1.10x). See the README for the history.
+Measured (2-core Zen 3 CPU, native attention kernel): ftjax 733 tok/s vs torch 665 (1.10x; 5
+rounds 1.04-1.13, peak 155 GFLOP/s) and 720 vs 587 (1.23x; 4 rounds 1.03-1.45) in a second run.
+Before the kernel: 594 vs 568 (1.05x). See the README for the history.
 """
 
 from __future__ import annotations
