@@ -38,7 +38,10 @@ def _log(msg: str):
 def _check_workdir(workdir: str):
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    # Per-process name: every process of a multi-host run probes the same workdir, and with one
+    # shared name one process removed the file the other was about to remove (ENOENT), so that
+    # process exited while the other waited for it in jax.distributed (seen in CI).
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
