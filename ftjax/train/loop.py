@@ -6,8 +6,8 @@ import dataclasses
 import json
 import math
 import os
-import socket
 import signal
+import socket
 import time
 from typing import Any, Dict
 
