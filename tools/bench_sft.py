@@ -8,7 +8,7 @@ implementations alternate round by round; we report medians over rounds. Model F
 causal attention 6 * L * T * d per token (QK^T and AV, forward + backward, half the square), as a
 fraction of the machine's float32 matmul peak measured here with a large jnp.dot.
 Measured (2-core Zen 3 CPU, native attention kernel): ftjax 733 tok/s vs torch 665 (1.10x; 5
-rounds 1.04-1.13, peak 155 GFLOP/s) and 720 vs 587 (1.23x; 4 rounds 1.03-1.45) in a second run.
+rounds 1.04-1.13, peak 155 GFLOP/s); other runs 720 vs 587 (1.23x) and 752 vs 699 (1.07x).
 Before the kernel: 594 vs 568 (1.05x). See the README for the history.
 """
 
