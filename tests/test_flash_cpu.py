@@ -16,6 +16,16 @@ needs_kernel = pytest.mark.skipif(not flash_cpu.available(),
                                   reason=f"native kernel: {flash_cpu.unavailable_reason()}")
 
 
+def test_kernel_builds_where_it_can():
+  """A build failure only falls back at run time; here it fails: with a compiler and an AVX2 + FMA
+  x86 CPU the shipped source must compile, load and register."""
+  flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+  if (flash_cpu._compiler() is None or "avx2" not in flags or "fma" not in flags
+      or os.environ.get("FTJAX_NATIVE_ATTENTION") == "0"):
+    pytest.skip("no C++ compiler / AVX2 + FMA here")
+  assert flash_cpu.available(), flash_cpu.unavailable_reason()
+
+
 def _inputs(b, t, n, kv, h, seed=0):
   r = np.random.default_rng(seed)
   return tuple(jnp.asarray(r.standard_normal(s), jnp.float32)

@@ -31,6 +31,7 @@
 #include <memory>
 #include <mutex>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -305,14 +306,21 @@ inline void ScatterRows(const Problem& P, const float* src, int64_t bi, int64_t 
   }
 }
 
+// Sizes and offsets of one (batch bi, kv head ki) task.
+struct TaskDims {
+  int64_t t_pad, kv_stride, m_max, kv_offset;
+  TaskDims(const Problem& P, int64_t bi, int64_t ki)
+      : t_pad(RoundUp(P.t, kNr)), kv_stride(P.kv * P.h), m_max(P.tq * P.g),
+        kv_offset((bi * P.t * P.kv + ki) * P.h) {}
+};
+
 void ForwardTask(const Problem& P, const float* q, const float* k, const float* v, float* o,
                  float* lse, int64_t bi, int64_t ki, Scratch& scratch) {
-  const int64_t h = P.h, g = P.g, tq = P.tq;
-  const int64_t t_pad = RoundUp(P.t, kNr);
-  const int64_t kv_stride = P.kv * h;
-  const float* kb = k + (bi * P.t * P.kv + ki) * h;
-  const float* vb = v + (bi * P.t * P.kv + ki) * h;
-  const int64_t m_max = tq * g;
+  const TaskDims d(P, bi, ki);
+  const int64_t h = P.h, g = P.g, tq = P.tq, t_pad = d.t_pad, kv_stride = d.kv_stride;
+  const int64_t m_max = d.m_max;
+  const float* kb = k + d.kv_offset;
+  const float* vb = v + d.kv_offset;
   const int64_t ls_max = t_pad + 8;  // score rows padded off a power-of-two stride
   float* kt = scratch.Get(t_pad * h * 2 + m_max * h * 2 + m_max * ls_max);
   float* vp = kt + t_pad * h;
@@ -344,12 +352,11 @@ void ForwardTask(const Problem& P, const float* q, const float* k, const float* 
 void BackwardTask(const Problem& P, const float* q, const float* k, const float* v, const float* o,
                   const float* lse, const float* dout, float* dq, float* dk, float* dv,
                   int64_t bi, int64_t ki, Scratch& scratch) {
-  const int64_t h = P.h, g = P.g, tq = P.tq;
-  const int64_t t_pad = RoundUp(P.t, kNr);
-  const int64_t kv_stride = P.kv * h;
-  const float* kb = k + (bi * P.t * P.kv + ki) * h;
-  const float* vb = v + (bi * P.t * P.kv + ki) * h;
-  const int64_t m_max = tq * g;
+  const TaskDims d(P, bi, ki);
+  const int64_t h = P.h, g = P.g, tq = P.tq, t_pad = d.t_pad, kv_stride = d.kv_stride;
+  const int64_t m_max = d.m_max;
+  const float* kb = k + d.kv_offset;
+  const float* vb = v + d.kv_offset;
   // kt, vt: K^T / V^T panels (S, dP); kp: K row panels (dQ); dk_acc / dv_acc: dK^T, dV^T
   // [H x t_pad]; qt, dot, ot: tiles [m x H]; s, dp: [m x keys] (row stride ls).
   const int64_t ls_max = t_pad + 8;
@@ -414,8 +421,8 @@ void BackwardTask(const Problem& P, const float* q, const float* k, const float*
     Gemm(h, kn_pad, m, qt, 1, h, dp, ls, kNr, dk_acc + k0, t_pad, true, RowReduceTrim{{}, tile});
     Gemm(h, kn_pad, m, dot, 1, h, s, ls, kNr, dv_acc + k0, t_pad, true, RowReduceTrim{{}, tile});
   }
-  float* dkb = dk + (bi * P.t * P.kv + ki) * h;
-  float* dvb = dv + (bi * P.t * P.kv + ki) * h;
+  float* dkb = dk + d.kv_offset;
+  float* dvb = dv + d.kv_offset;
   for (int64_t t = 0; t < P.t; ++t) {  // dk_acc / dv_acc are [H x t_pad]
     for (int64_t c = 0; c < h; ++c) {
       dkb[t * kv_stride + c] = dk_acc[c * t_pad + t];
@@ -465,9 +472,15 @@ Problem MakeProblem(ffi::Span<const int64_t> qd, ffi::Span<const int64_t> kd, fl
   return P;
 }
 
-ffi::Error CheckShapes(const Problem& P) {
+// Problem of one call from its operands and attributes (shared by both handlers).
+ffi::Error Setup(Problem& P, const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
+                 const ffi::Buffer<ffi::S32>& seg, const ffi::Buffer<ffi::S32>& flags, float scale,
+                 int64_t window, int64_t has_seg, int64_t tq) {
+  P = MakeProblem(q.dimensions(), k.dimensions(), scale, window, tq);
   if (P.h % kNr != 0) return ffi::Error::InvalidArgument("ftjax flash_cpu: head dim % 16 != 0");
   if (P.n % P.kv != 0) return ffi::Error::InvalidArgument("ftjax flash_cpu: heads % kv heads != 0");
+  if (has_seg) P.seg = seg.typed_data();
+  P.use_window = flags.typed_data()[0] != 0;
   return ffi::Error::Success();
 }
 
@@ -475,10 +488,8 @@ ffi::Error FwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::S32> flags,
                    ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse, float scale,
                    int64_t window, int64_t has_seg, int64_t tq) {
-  Problem P = MakeProblem(q.dimensions(), k.dimensions(), scale, window, tq);
-  if (auto e = CheckShapes(P); e.failure()) return e;
-  if (has_seg) P.seg = seg.typed_data();
-  P.use_window = flags.typed_data()[0] != 0;
+  Problem P;
+  if (auto e = Setup(P, q, k, seg, flags, scale, window, has_seg, tq); e.failure()) return e;
   const float* qp = q.typed_data();
   const float* kp = k.typed_data();
   const float* vp = v.typed_data();
@@ -496,10 +507,8 @@ ffi::Error BwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                    ffi::ResultBuffer<ffi::F32> dv, float scale, int64_t window, int64_t has_seg,
                    int64_t tq) {
-  Problem P = MakeProblem(q.dimensions(), k.dimensions(), scale, window, tq);
-  if (auto e = CheckShapes(P); e.failure()) return e;
-  if (has_seg) P.seg = seg.typed_data();
-  P.use_window = flags.typed_data()[0] != 0;
+  Problem P;
+  if (auto e = Setup(P, q, k, seg, flags, scale, window, has_seg, tq); e.failure()) return e;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const float *op = o.typed_data(), *lp = lse.typed_data(), *dop = dout.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
@@ -511,39 +520,41 @@ ffi::Error BwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
 
 }  // namespace
 
+namespace {
+// Both bindings: pool, then q, k, v, segment ids, window flag; their own buffers; the same attrs.
+auto BindInputs() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>();
+}
+
+template <typename Binding>
+auto BindAttrs(Binding b) {
+  return std::move(b)
+      .template Attr<float>("scale")
+      .template Attr<int64_t>("window")
+      .template Attr<int64_t>("has_seg")
+      .template Attr<int64_t>("tq");
+}
+}  // namespace
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxFlashFwd, FwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("window")
-                                  .Attr<int64_t>("has_seg")
-                                  .Attr<int64_t>("tq"));
+                              BindAttrs(BindInputs()
+                                            .Ret<ffi::Buffer<ffi::F32>>()     // o
+                                            .Ret<ffi::Buffer<ffi::F32>>()));  // lse
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxFlashBwd, BwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale")
-                                  .Attr<int64_t>("window")
-                                  .Attr<int64_t>("has_seg")
-                                  .Attr<int64_t>("tq"));
+                              BindAttrs(BindInputs()
+                                            .Arg<ffi::Buffer<ffi::F32>>()     // o
+                                            .Arg<ffi::Buffer<ffi::F32>>()     // lse
+                                            .Arg<ffi::Buffer<ffi::F32>>()     // do
+                                            .Ret<ffi::Buffer<ffi::F32>>()     // dq
+                                            .Ret<ffi::Buffer<ffi::F32>>()     // dk
+                                            .Ret<ffi::Buffer<ffi::F32>>()));  // dv
 
 // 1 when this CPU runs the kernel (AVX2 + FMA); the Python side checks before registering.
 extern "C" int ftjax_flash_cpu_supported() {
