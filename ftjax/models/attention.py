@@ -61,26 +61,26 @@ def attend(q, k, v, segment_ids, scale: float, softcap: Optional[float], impl: O
   jax.nn's kernels. Logit soft-capping (Gemma 2) always takes the explicit path.
   """
   if impl is None:
-    impl = {"gpu": "jax", "cpu": "cpu_auto"}.get(jax.default_backend(), "xla")
-  if impl not in ("flash", "xla", "cudnn", "jax", "native", "cpu_auto"):
+    backend = jax.default_backend()
+    impl = {"gpu": "jax", "cpu": "native" if flash_cpu.supports(q, k, v) else "flash"}.get(
+        backend, "xla")
+  if impl not in ("flash", "xla", "cudnn", "jax", "native"):
     raise ValueError(
         f"model.attention_impl: unknown {impl!r} (None | native | flash | xla | cudnn | jax)")
-  if impl in ("native", "cpu_auto") and softcap is None:
-    if flash_cpu.supports(q, k, v):
-      return flash_cpu.flash_attention_native(q, k, v, segment_ids, scale, window, use_window)
-    if impl == "native":
+  if impl == "native" and softcap is None:
+    if not flash_cpu.supports(q, k, v):
       raise ValueError(
           "model.attention_impl='native' needs float32 q/k/v on a single CPU device with head dim "
           f"% 16 == 0 and the kernel built (here: dtype {q.dtype}, head dim {q.shape[-1]}, "
           f"{jax.device_count()} {jax.default_backend()} device(s); kernel: "
           f"{flash_cpu.unavailable_reason() or 'ok'})")
-    impl = "flash"
+    return flash_cpu.flash_attention_native(q, k, v, segment_ids, scale, window, use_window)
   if impl == "flash" and softcap is None:
     return flash_attention(q, k, v, segment_ids, scale, window, use_window)
   if segment_ids is None:
     segment_ids = jnp.ones(q.shape[:2], jnp.int32)
   mask = attention_mask(segment_ids, window, use_window)
-  if impl in ("xla", "flash", "native", "cpu_auto") or softcap is not None:
+  if impl in ("xla", "flash", "native") or softcap is not None:
     return _attend_explicit(q, k, v, mask, scale, softcap)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
                                       implementation="cudnn" if impl == "cudnn" else None)

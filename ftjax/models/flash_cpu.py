@@ -46,7 +46,8 @@ def _build() -> str:
   cxx = _compiler()
   if cxx is None:
     raise RuntimeError("no C++ compiler (g++ / clang++) on PATH")
-  src = open(_SRC, "rb").read()
+  with open(_SRC, "rb") as f:
+    src = f.read()
   key = hashlib.sha256(src + jax.lib.__version__.encode() + cxx.encode()
                        + " ".join(_FLAGS).encode()).hexdigest()[:16]
   cache = os.environ.get("FTJAX_CACHE_DIR") or os.path.join(
@@ -118,9 +119,9 @@ def _extras(segment_ids, use_window, b):
   return seg, flag
 
 
-def _attrs(scale, window, segment_ids, g):
-  return dict(scale=np.float32(scale), window=np.int64(window or 0),
-              has_seg=np.int64(segment_ids is not None), tq=np.int64(_tile(g)))
+def _attrs(scale, window, has_seg, g):
+  return dict(scale=np.float32(scale), window=np.int64(window), has_seg=np.int64(has_seg),
+              tq=np.int64(_tile(g)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -136,7 +137,7 @@ def _native_fwd(q, k, v, seg, flag, scale, window, has_seg):
       (jax.ShapeDtypeStruct(q.shape, q.dtype),
        jax.ShapeDtypeStruct((b, k.shape[2], t * g), jnp.float32)),
       vmap_method="sequential",
-  )(q, k, v, seg, flag, **_attrs(scale, window, seg if has_seg else None, g))
+  )(q, k, v, seg, flag, **_attrs(scale, window, has_seg, g))
   return o, (q, k, v, seg, flag, o, lse)
 
 
@@ -149,7 +150,7 @@ def _native_bwd(scale, window, has_seg, res, do):
        jax.ShapeDtypeStruct(v.shape, v.dtype)),
       vmap_method="sequential",
   )(q, k, v, seg, flag, o, lse, do.astype(q.dtype),
-    **_attrs(scale, window, seg if has_seg else None, g))
+    **_attrs(scale, window, has_seg, g))
   zero = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # int inputs take float0 cotangents
   return dq, dk, dv, zero(seg), zero(flag)
 

@@ -39,9 +39,9 @@ def _log(msg: str):
 def _check_workdir(workdir: str):
   try:
     os.makedirs(workdir, exist_ok=True)
-    # Per-process name (host + pid): every process of a multi-host run probes the same workdir, and with one
-    # shared name one process removed the file the other was about to remove (ENOENT), so that
-    # process exited while the other waited for it in jax.distributed (seen in CI).
+    # Per-process name (host + pid): every process of a multi-host run probes the same workdir;
+    # with one shared name one process removed the file the other was about to remove (ENOENT),
+    # so that process exited while the other waited for it in jax.distributed (seen in CI).
     probe = os.path.join(workdir, f".write_test.{socket.gethostname()}.{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")

@@ -226,7 +226,7 @@ inline bool Visible(const Problem& P, const int32_t* seg_b, int64_t t, int64_t j
 
 // Per-task scratch, reused across tasks of one thread.
 struct Scratch {
-  std::vector<float, std::allocator<float>> buf;
+  std::vector<float> buf;
   float* Get(size_t n) {
     if (buf.size() < n + 16) buf.resize(n + 16);
     auto addr = reinterpret_cast<uintptr_t>(buf.data());
@@ -308,10 +308,10 @@ inline void ScatterRows(const Problem& P, const float* src, int64_t bi, int64_t 
 
 // Sizes and offsets of one (batch bi, kv head ki) task.
 struct TaskDims {
-  int64_t t_pad, kv_stride, m_max, kv_offset;
+  int64_t t_pad, kv_stride, m_max, kv_offset, lse_offset;
   TaskDims(const Problem& P, int64_t bi, int64_t ki)
       : t_pad(RoundUp(P.t, kNr)), kv_stride(P.kv * P.h), m_max(P.tq * P.g),
-        kv_offset((bi * P.t * P.kv + ki) * P.h) {}
+        kv_offset((bi * P.t * P.kv + ki) * P.h), lse_offset((bi * P.kv + ki) * P.t * P.g) {}
 };
 
 void ForwardTask(const Problem& P, const float* q, const float* k, const float* v, float* o,
@@ -330,7 +330,7 @@ void ForwardTask(const Problem& P, const float* q, const float* k, const float* 
   PackTransposed(kb, kv_stride, P.t, h, kt);
   PackRows(vb, kv_stride, P.t, t_pad, h, vp);
   const int32_t* seg_b = P.seg ? P.seg + bi * P.t : nullptr;
-  float* lse_b = lse + (bi * P.kv + ki) * P.t * g;
+  float* lse_b = lse + d.lse_offset;
   for (int64_t t0 = 0; t0 < P.t; t0 += tq) {
     const int64_t t1 = std::min(P.t, t0 + tq), m = (t1 - t0) * g;
     const int64_t k0 = KeyStart(P, t0) / kNr * kNr;  // panel-aligned
@@ -378,7 +378,7 @@ void BackwardTask(const Problem& P, const float* q, const float* k, const float*
   std::memset(dk_acc, 0, sizeof(float) * t_pad * h);
   std::memset(dv_acc, 0, sizeof(float) * t_pad * h);
   const int32_t* seg_b = P.seg ? P.seg + bi * P.t : nullptr;
-  const float* lse_b = lse + (bi * P.kv + ki) * P.t * g;
+  const float* lse_b = lse + d.lse_offset;
   for (int64_t t0 = 0; t0 < P.t; t0 += tq) {
     const int64_t t1 = std::min(P.t, t0 + tq), m = (t1 - t0) * g;
     const int64_t k0 = KeyStart(P, t0) / kNr * kNr;  // panel-aligned
