@@ -108,6 +108,9 @@ def main(argv=None) -> int:
 
 
 def entry():
+  # glibc reads its tunables at start-up: re-exec once with huge pages for XLA's step buffer.
+  from ftjax import hostmem  # pylint: disable=g-import-not-at-top
+  hostmem.reexec_tuned()
   sys.exit(main())
 
 

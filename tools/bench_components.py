@@ -153,7 +153,8 @@ def main():
     print("RESULT " + json.dumps(fn(args.reps)), flush=True)
     return
   rows = interleaved(["ftjax", "torch"], args.rounds,
-                     lambda i: spawn(__file__, "--child", i, "--reps", str(args.reps)))
+                     lambda i: spawn(__file__, "--child", i, "--reps", str(args.reps),
+                                     ftjax=i == "ftjax"))
   result = {"bench": BENCH, "rounds": args.rounds, "ms": {}, "runs": rows}
   print(f"{'part':<11}{'ftjax ms':>10}{'torch ms':>10}{'torch/ftjax':>13}")
   for part in PARTS:

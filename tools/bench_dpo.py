@@ -178,7 +178,7 @@ def _child(impl: str, steps: int):
 
 
 def _spawn(impl: str, steps: int) -> dict:
-  return spawn(__file__, "--child", impl, "--steps", str(steps))
+  return spawn(__file__, "--child", impl, "--steps", str(steps), ftjax=impl.startswith("ftjax"))
 
 
 def main():

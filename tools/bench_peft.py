@@ -202,7 +202,8 @@ def alternate(impls, rounds: int, steps: int) -> dict:
 
 
 def _spawn(child, *extra) -> dict:
-  return spawn(__file__, "--child", *child, *extra)
+  # "alternate" runs the ftjax variants and HF PEFT in one process: it gets ftjax's setting.
+  return spawn(__file__, "--child", *child, *extra, ftjax=not child[0].startswith("hf_"))
 
 
 def main():
