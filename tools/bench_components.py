@@ -14,10 +14,11 @@ shapes (Llama hidden 512, MLP 1408, 8/4 heads, seq 512, batch 4, vocab 8192, flo
 ftjax runs its own code paths (`layers.matmul` / `head_matmul`, `layers.swiglu`,
 `attention.attend`, `objectives.common.token_logps`); torch runs what HF Llama runs. Each
 implementation runs in a fresh subprocess, alternating round by round; medians of the per-round
-medians.
-Measured (2-core Zen 3 CPU, 5 rounds): ftjax vs torch ms: mlp 191.7 vs 186.3, proj 62.3 vs 63.8,
-attention 33.2 vs 74.6 (native kernel; the XLA flash path measured 77.4 vs 71.6), head_ce 430.1
-vs 482.5 (README, SFT throughput, has older runs too).
+medians. The ftjax child gets `ftjax train`'s huge-page setting (ftjax.hostmem), torch glibc's
+defaults.
+Measured (2-core Zen 3 CPU, 5 rounds): ftjax vs torch ms: mlp 156.8 vs 159.2, proj 56.7 vs 57.5,
+attention 28.4 vs 62.9 (native kernel; the XLA flash path measured 77.4 vs 71.6 in an earlier,
+slower hour), head_ce 328.2 vs 410.3 (README, SFT throughput, has older runs too).
 """
 
 from __future__ import annotations

@@ -13,10 +13,11 @@ sequence 512 tokens (256 prompt + 256 completion), chosen and rejected in one fo
           accelerate/dataset setup needs downloads and adds nothing per step), then backward, grad
           clipping and torch AdamW, exactly what Trainer.training_step does on one CPU process.
 Each measurement is a fresh subprocess; implementations alternate round by round; medians.
-Measured (2-core Zen 3 CPU, 3 rounds x 2 steps, f32 matmul peak 174 GFLOP/s, native attention):
-  ftjax full 0.522 pairs/s (MFU 71%) vs TRL 0.339 (46%): 1.54x; LoRA 0.615 (63%) vs 0.361 (37%):
-  1.70x -- the >= 1.2x goal is met (before the kernel 1.53x / 1.33x; earlier machines 1.34x /
-  1.38x, 1.26x / 1.51x, 1.30x / 1.42x).
+Measured (2-core Zen 3 CPU, 3 rounds x 2 steps, f32 matmul peak 163 GFLOP/s, native attention,
+ftjax children with `ftjax train`'s huge-page setting, TRL with glibc defaults):
+  ftjax full 0.529 pairs/s (MFU 77%) vs TRL 0.323 (47%): 1.64x; LoRA 0.617 (68%) vs 0.317 (35%):
+  1.95x -- the >= 1.2x goal is met (before the host-memory setting 1.54x / 1.70x; before the
+  kernel 1.53x / 1.33x; earlier machines 1.34x / 1.38x, 1.26x / 1.51x, 1.30x / 1.42x).
 Model FLOPs per step (matmul params N without the input embedding, tokens = 8 x 512):
   full FT  policy fwd+bwd 6N + reference fwd 2N per token;  LoRA  policy fwd + activation-grad
   bwd 4N + reference 2N per token (adapter matmuls ignored); causal attention 8 L T d per token

@@ -9,7 +9,9 @@ seq 512, batch 4, float32, AdamW; LoRA r 16 / alpha 32 on every linear layer. Pe
 from one fresh subprocess per implementation. Throughput comes from one process holding every
 implementation (torch and JAX side by side), timed block by block in rotating order over
 `rounds`, medians of rounds * steps step times: on a shared machine whose load drifts by 2-3x
-between minutes, only interleaving at this grain keeps the ratios meaningful.
+between minutes, only interleaving at this grain keeps the ratios meaningful. That process keeps
+glibc's defaults (huge pages slow torch), so its ftjax runs lack `ftjax train`'s host-memory
+setting (ftjax.hostmem: the LoRA step 3-4% faster); the isolated memory runs of ftjax get it.
 "weights MB" is the bytes of all params (NF4 kernels included); "linear base %" is the NF4
 linear kernels' bytes over their float32 bytes.
 "frozen" is no method: every weight frozen and no adapter, only the norm scales train, so the
@@ -201,9 +203,11 @@ def alternate(impls, rounds: int, steps: int) -> dict:
   return {i: dict(step_s=statistics.median(t), times=t) for i, t in times.items()}
 
 
-def _spawn(child, *extra) -> dict:
-  # "alternate" runs the ftjax variants and HF PEFT in one process: it gets ftjax's setting.
-  return spawn(__file__, "--child", *child, *extra, ftjax=not child[0].startswith("hf_"))
+def _spawn(child, *extra, torch_too: bool = False) -> dict:
+  # A process that also runs HF PEFT keeps glibc's defaults: huge pages slow torch down (it
+  # allocates per op), so that ftjax runs without the setting `ftjax train` gives it.
+  return spawn(__file__, "--child", *child, *extra,
+               ftjax=not (torch_too or child[0].startswith("hf_")))
 
 
 def main():
@@ -236,7 +240,7 @@ def main():
     speed = {i: dict(step_s=m["step_s"], times=[m["step_s"]]) for i, m in mem.items()}
   else:
     speed = _spawn(["alternate"], "--impls", ",".join(impls), "--rounds", str(args.rounds),
-                   "--steps", str(args.steps))
+                   "--steps", str(args.steps), torch_too=any(i.startswith("hf_") for i in impls))
   tokens = BENCH["batch_size"] * BENCH["seq_len"]
   result = {"bench": BENCH, "preset": args.preset, "rank": RANK, "rounds": args.rounds,
             "steps": args.steps, "load_avg": os.getloadavg(), "impls": {}}

@@ -7,9 +7,12 @@ implementations alternate round by round; we report medians over rounds. Model F
 6 * N * tokens (N = parameters that take part in matmuls, i.e. without the input embedding) plus
 causal attention 6 * L * T * d per token (QK^T and AV, forward + backward, half the square), as a
 fraction of the machine's float32 matmul peak measured here with a large jnp.dot.
-Measured (2-core Zen 3 CPU, native attention kernel): ftjax 733 tok/s vs torch 665 (1.10x; 5
-rounds 1.04-1.13, peak 155 GFLOP/s); other runs 720 vs 587 (1.23x) and 752 vs 699 (1.07x).
-Before the kernel: 594 vs 568 (1.05x). See the README for the history.
+The ftjax child runs with the huge-page setting `ftjax train` applies (ftjax.hostmem); torch with
+glibc's defaults, which are its best (2.95 s/step vs 3.48 s with huge pages).
+Measured (2-core Zen 3 CPU, native attention kernel, huge pages): ftjax 846 tok/s vs torch 697
+(1.21x; 5 rounds 1.18-1.24, peak 184 GFLOP/s); two more runs 838 vs 648 (1.29x) and 855 vs 582
+(1.47x). Before the host-memory setting 1.23x / 1.10x / 1.07x; before the kernel 594 vs 568 (1.05x).
+See the README for the history.
 """
 
 from __future__ import annotations
