@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 
+from ftjax import hostmem
 from ftjax.config import load_config
 
 
@@ -51,6 +52,7 @@ def main():
   ap.add_argument("--grid", action="append", default=[])
   ap.add_argument("--metrics", default="train_loss,eval_loss,eval_exact_match")
   args = ap.parse_args()
+  hostmem.reexec_tuned()  # as `ftjax train` does: huge pages for XLA:CPU's step buffers
   from ftjax import train  # pylint: disable=g-import-not-at-top
   rows = []
   for point in grid_points(args.grid):

@@ -17,6 +17,7 @@ def test_sweep_runs_grid_and_tabulates(tmp_path):
          "--metrics", "train_loss,lr"]
   res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert res.returncode == 0, res.stderr[-2000:]
+  assert "host memory: glibc default" not in res.stdout  # re-executed with huge pages
   rows = json.load(open(os.path.join(tmp_path, "results.json")))
   assert [r["point"]["optim.lr"] for r in rows] == [1e-3, 1e-2]
   assert all(r["train_loss"] > 0 for r in rows)

@@ -83,3 +83,17 @@ ftjax.cli.entry()
   assert "ftjax train" in r.stdout and r.returncode == 0
   off = run_python(code, env={"GLIBC_TUNABLES": "", "FTJAX_MALLOC_TUNING": "0"})
   assert [l for l in off.stdout.splitlines() if l.startswith("TUNABLES")] == ["TUNABLES "]
+
+
+@linux_only
+def test_train_loop_run_from_python_says_how_to_get_it(tmp_path):
+  r = run_python(f"""
+from ftjax import train
+from ftjax.config import load_config
+c = load_config("configs/sft_tiny.py:steps=1")
+c.model.hidden_size, c.model.intermediate_size, c.model.num_layers = 32, 64, 1
+c.eval.every, c.train.batch_size, c.train.seq_len = 0, 4, 32
+train.run(c, {str(tmp_path)!r})
+""", env={"GLIBC_TUNABLES": "", "FTJAX_MALLOC_TUNING": "1"})
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "host memory: glibc default; export GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in r.stdout

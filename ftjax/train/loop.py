@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ftjax import hostmem
 from ftjax import objectives
 from ftjax import sharding as shd
 from ftjax.models import Decoder
@@ -203,6 +204,8 @@ def _build_model(config, mesh, rules):
   del params
   _log(f"model: {state_lib.count_params(trainable):,} trainable / "
        f"{state_lib.count_params(frozen):,} frozen params; mesh {dict(mesh.shape)}")
+  if jax.default_backend() == "cpu" and hostmem.tuned_env() is not None:
+    _log(f"host memory: glibc default; {hostmem.HINT}")
   return tokenizer, model_cfg, Decoder(model_cfg), trainable, frozen, rng
 
 
