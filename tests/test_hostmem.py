@@ -44,7 +44,8 @@ def _thp_mode():
 
 
 def test_tuned_env_adds_the_tunable_once_and_respects_the_user():
-  env = hostmem.tuned_env({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0", "A": "1"})
+  env = hostmem.tuned_env({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0", "A": "1"},
+                         accelerator=False)
   if not sys.platform.startswith("linux"):
     assert env is None
     return
@@ -53,6 +54,11 @@ def test_tuned_env_adds_the_tunable_once_and_respects_the_user():
   assert hostmem.tuned_env(env) is None  # second pass (after the re-exec): nothing to do
   assert hostmem.tuned_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # user's wins
   assert hostmem.tuned_env({"FTJAX_MALLOC_TUNING": "0"}) is None
+  # XLA:CPU only: a GPU/TPU plugin keeps glibc's defaults unless JAX_PLATFORMS=cpu.
+  assert hostmem.tuned_env({}, accelerator=True) is None
+  assert hostmem.tuned_env({"JAX_PLATFORMS": "cuda"}, accelerator=True) is None
+  assert hostmem.tuned_env({"JAX_PLATFORMS": "cpu"}, accelerator=True) is not None
+  assert hostmem.tuned_env({}, accelerator=False) is not None
 
 
 @linux_only
@@ -61,7 +67,7 @@ def test_huge_pages_cut_the_per_run_faults():
     pytest.skip(f"transparent huge pages are {_thp_mode()!r} here (the tunable needs 'madvise')")
   pages = 128 * 2 ** 20 // 4096
   default = _faults({"GLIBC_TUNABLES": ""})
-  tuned = _faults(hostmem.tuned_env({**os.environ, "GLIBC_TUNABLES": ""}))
+  tuned = _faults(hostmem.tuned_env({**os.environ, "GLIBC_TUNABLES": ""}, accelerator=False))
   if default < pages / 2:
     pytest.skip(f"glibc defaults fault only {default:.0f} pages per run here")
   # Default: the buffers are mapped afresh each run (>= 32768 4-KiB faults); tuned: 2-MiB pages.
