@@ -4,7 +4,7 @@ XLA:CPU allocates one temporary buffer per executable run (all activations of a 
 ~830 MiB for the SFT bench model) with posix_memalign from a worker thread. glibc serves an
 allocation that large from a fresh mmap (a thread's arena cannot hold it) and unmaps it on free,
 so every step faults the whole buffer in again in 4 KiB pages: ~220k page faults and ~0.5 s of
-kernel time per 2.7 s step on a 2-core machine (−8 to −12% step time once fixed). glibc's
+kernel time per 2.7 s step on a 2-core machine (−7 to −11% step time once fixed). glibc's
 `glibc.malloc.hugetlb=1` tunable (glibc >= 2.35) madvises such mappings for transparent huge
 pages: ~400 faults of 2 MiB per step, the kernel only zeroes the pages, and memory is still
 returned between steps. (Keeping the buffer mapped instead, with mallopt arena/mmap/trim
@@ -71,7 +71,9 @@ def reexec_tuned():
   env = tuned_env()
   if env is None or not sys.executable:
     return
-  argv = list(getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv)
+  # The interpreter's own options (-m, -c, -X ...) come from orig_argv; argv[0] is the absolute
+  # interpreter path, so that the new process finds the same prefix (venv) as this one.
+  argv = [sys.executable] + list(getattr(sys, "orig_argv", None) or [""] + sys.argv)[1:]
   sys.stdout.flush()
   sys.stderr.flush()
   try:
