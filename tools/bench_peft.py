@@ -203,11 +203,10 @@ def alternate(impls, rounds: int, steps: int) -> dict:
   return {i: dict(step_s=statistics.median(t), times=t) for i, t in times.items()}
 
 
-def _spawn(child, *extra, torch_too: bool = False) -> dict:
-  # A process that also runs HF PEFT keeps glibc's defaults: huge pages slow torch down (it
-  # allocates per op), so that ftjax runs without the setting `ftjax train` gives it.
-  return spawn(__file__, "--child", *child, *extra,
-               ftjax=not (torch_too or child[0].startswith("hf_")))
+def _spawn(impls, *args) -> dict:
+  # A process that runs HF PEFT keeps glibc's defaults (huge pages slow torch: it allocates per
+  # op), so ftjax runs there without the setting `ftjax train` gives it.
+  return spawn(__file__, "--child", *args, ftjax=not any(i.startswith("hf_") for i in impls))
 
 
 def main():
@@ -233,14 +232,14 @@ def main():
     return _child(args.child, args.steps)
   mem = {}
   for impl in impls:  # memory: one fresh process each (1 timed step)
-    mem[impl] = _spawn([impl], "--steps", "1")
+    mem[impl] = _spawn([impl], impl, "--steps", "1")
     print(f"isolated {impl}: peak {mem[impl]['peak_rss_mb']:.0f} MB, "
           f"{mem[impl]['step_s']:.2f} s/step", flush=True)
   if args.memory_only:  # throughput from the isolated runs (one step each)
     speed = {i: dict(step_s=m["step_s"], times=[m["step_s"]]) for i, m in mem.items()}
   else:
-    speed = _spawn(["alternate"], "--impls", ",".join(impls), "--rounds", str(args.rounds),
-                   "--steps", str(args.steps), torch_too=any(i.startswith("hf_") for i in impls))
+    speed = _spawn(impls, "alternate", "--impls", ",".join(impls), "--rounds", str(args.rounds),
+                   "--steps", str(args.steps))
   tokens = BENCH["batch_size"] * BENCH["seq_len"]
   result = {"bench": BENCH, "preset": args.preset, "rank": RANK, "rounds": args.rounds,
             "steps": args.steps, "load_avg": os.getloadavg(), "impls": {}}
